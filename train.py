@@ -1,0 +1,38 @@
+"""Train a multi-encoder CLIP model from a YAML recipe.
+
+    composer train.py yamls/quickstart.yaml [key=value ...]
+    composer -n 2 train.py yamls/mvclip.yaml max_duration=10ba
+
+Overrides use OmegaConf's dotted keys, for example `optimizer.lr=1e-4`.
+"""
+
+import logging
+import sys
+
+from composer.utils import dist
+
+from composer_clip.builders import build_trainer, load_config
+
+
+def main(argv: list[str]) -> dict[str, float]:
+    if not argv:
+        sys.exit(__doc__)
+    config = load_config(argv[0], argv[1:])
+    trainer = build_trainer(config)
+    trainer.fit()
+
+    eval_metrics = {name: float(value) for name, value in trainer.state.eval_metric_values.items()}
+    if dist.get_global_rank() == 0 and eval_metrics:
+        print('Held-out metrics after training:')
+        for name, value in sorted(eval_metrics.items()):
+            print(f'  {name}: {value:.4f}')
+    trainer.close()
+    return eval_metrics
+
+
+# Composer's remote uploader starts worker processes with spawn, which re-imports this
+# file: the guard keeps those workers from training too.
+if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
+    logging.getLogger('composer').setLevel(logging.WARNING)
+    main(sys.argv[1:])
