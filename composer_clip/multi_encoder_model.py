@@ -117,8 +117,12 @@ class MultiEncoderCLIPBase(nn.Module):
         return [encode_features(tower, x, normalize) for tower, x in zip(self.text_towers, inputs)]
 
     def scale(self) -> torch.Tensor:
-        """Return exp(logit_scale), with the log scale capped at ln(100) as in CLIP."""
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        """Return exp(logit_scale) as a 0-dim tensor, with the log scale capped at ln(100) as in CLIP.
+
+        FSDP2 stores `logit_scale` with shape [1] because fully_shard rejects 0-dim parameters
+        (torch 2.7); the reshape keeps the result a scalar either way.
+        """
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -167,3 +171,117 @@ class MultiVisionCLIP(MultiEncoderCLIPBase):
             'vision_features_list': self.encode_image(images, normalize=True),
             'logit_scale': self.scale(),
         })
+
+
+class MultiTextCLIP(MultiEncoderCLIPBase):
+    """CLIP with one vision tower and N text towers.
+
+    Each text tower may have its own tokenizer: pass one token tensor per tower.
+    `forward` returns `{'vision_features': (B, D), 'text_features_list': [(B, D)] * N,
+    'logit_scale': scalar}` with normalised features and the exponentiated scale.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        text_encoders: Sequence[nn.Module],
+        embed_dim: int = 512,
+        output_dict: bool = True,
+    ):
+        super().__init__([vision_encoder], text_encoders, embed_dim, output_dict)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.vision_towers[0]
+
+    @property
+    def text(self) -> nn.ModuleList:
+        return self.text_towers
+
+    def encode_image(self, images: Inputs, normalize: bool = False) -> torch.Tensor:
+        """Return the (batch, embed_dim) features of the vision tower."""
+        return self.encode_images(images, normalize)[0]
+
+    def encode_text(self, texts: Inputs, normalize: bool = False) -> list[torch.Tensor]:
+        """Return one (batch, embed_dim) feature tensor per text tower."""
+        return self.encode_texts(texts, normalize)
+
+    def forward(self, images: Inputs, texts: Inputs):
+        return self._pack({
+            'vision_features': self.encode_image(images, normalize=True),
+            'text_features_list': self.encode_text(texts, normalize=True),
+            'logit_scale': self.scale(),
+        })
+
+
+class MultiEncoderCLIP(MultiEncoderCLIPBase):
+    """CLIP with M vision towers and N text towers.
+
+    `forward` returns `{'vision_features_list': [(B, D)] * M, 'text_features_list':
+    [(B, D)] * N, 'logit_scale': scalar}` with normalised features and the
+    exponentiated scale.
+    """
+
+    @property
+    def visual(self) -> nn.ModuleList:
+        return self.vision_towers
+
+    @property
+    def text(self) -> nn.ModuleList:
+        return self.text_towers
+
+    def encode_image(self, images: Inputs, normalize: bool = False) -> list[torch.Tensor]:
+        """Return one (batch, embed_dim) feature tensor per vision tower."""
+        return self.encode_images(images, normalize)
+
+    def encode_text(self, texts: Inputs, normalize: bool = False) -> list[torch.Tensor]:
+        """Return one (batch, embed_dim) feature tensor per text tower."""
+        return self.encode_texts(texts, normalize)
+
+    def forward(self, images: Inputs, texts: Inputs):
+        return self._pack({
+            'vision_features_list': self.encode_image(images, normalize=True),
+            'text_features_list': self.encode_text(texts, normalize=True),
+            'logit_scale': self.scale(),
+        })
+
+
+def features_by_side(model: MultiEncoderCLIPBase, outputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return the (vision, text) feature lists of any multi-encoder model's `forward` output."""
+    if not isinstance(outputs, dict):
+        outputs = dict(zip(_OUTPUT_KEYS[type(model)], outputs))
+    vision = outputs['vision_features_list'] if 'vision_features_list' in outputs else [outputs['vision_features']]
+    text = outputs['text_features_list'] if 'text_features_list' in outputs else [outputs['text_features']]
+    return list(vision), list(text)
+
+
+_OUTPUT_KEYS = {
+    MultiVisionCLIP: ('text_features', 'vision_features_list', 'logit_scale'),
+    MultiTextCLIP: ('vision_features', 'text_features_list', 'logit_scale'),
+    MultiEncoderCLIP: ('vision_features_list', 'text_features_list', 'logit_scale'),
+}
+
+
+def export_tower_state_dict(model: MultiEncoderCLIPBase, side: str, index: int = 0) -> dict[str, torch.Tensor]:
+    """Export one tower and the shared `logit_scale` as a plain state dict.
+
+    Keys follow OpenCLIP's CLIP models: the vision tower under `visual.`, a text tower
+    under `text.`, and `logit_scale` as a 0-dim tensor. A tower built from OpenCLIP's
+    classes (`TimmModel`, `HFTextEncoder`, ...) therefore loads into an OpenCLIP model
+    of the same configuration with `load_state_dict(..., strict=False)`.
+
+    Args:
+        model: a trained multi-encoder model (unsharded).
+        side: 'vision' or 'text'.
+        index: which tower of that side.
+    """
+    if side not in ('vision', 'text'):
+        raise ValueError(f"side={side!r} is invalid; pass 'vision' or 'text'")
+    towers = model.vision_towers if side == 'vision' else model.text_towers
+    if not 0 <= index < len(towers):
+        raise ValueError(f'index={index} is out of range; the model has {len(towers)} {side} towers')
+
+    prefix = 'visual.' if side == 'vision' else 'text.'
+    state_dict = {prefix + key: value.detach().clone() for key, value in towers[index].state_dict().items()}
+    state_dict['logit_scale'] = model.logit_scale.detach().clone().reshape(())
+    return state_dict
