@@ -55,7 +55,7 @@ def loss_and_grads(rank, world_size, aggregation, learnable):
     ).double()
     if learnable:
         with torch.no_grad():
-            loss_fn.weight_logits.copy_(torch.tensor([0.3, -0.7, 1.1]))
+            loss_fn.aggregator.weight_logits.copy_(torch.tensor([0.3, -0.7, 1.1]))
 
     texts, images = global_inputs()
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
