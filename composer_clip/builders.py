@@ -36,8 +36,8 @@ from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.data import build_image_text_dataloader, build_image_transform
 from composer_clip.hf_model import HFTextEncoder
 from composer_clip.mobilenet_model import MobileNetV2Encoder
-from composer_clip.multi_encoder_model import MultiVisionCLIP
-from composer_clip.one_to_many_loss import OneToManyClipLoss
+from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiEncoderCLIPBase, MultiTextCLIP, MultiVisionCLIP
+from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
 from composer_clip.timm_model import TimmModel
 
 log = logging.getLogger(__name__)
@@ -121,24 +121,58 @@ def build_encoder(config: dict[str, Any], embed_dim: int) -> nn.Module:
     return encoder
 
 
-def build_model(config: DictConfig) -> MultiVisionCLIP:
-    """Build the multi-encoder model from the `model` section."""
+# Each model kind: its class, and the tower keys it takes (a list of towers, or one tower).
+MODEL_KINDS = {
+    'multi_vision': (MultiVisionCLIP, 'vision_encoders', 'text_encoder'),
+    'multi_text': (MultiTextCLIP, 'vision_encoder', 'text_encoders'),
+    'multi_encoder': (MultiEncoderCLIP, 'vision_encoders', 'text_encoders'),
+}
+
+
+def build_model(config: DictConfig) -> MultiEncoderCLIPBase:
+    """Build the multi-encoder model from the `model` section.
+
+    `model.name` picks the kind: 'multi_vision' (one `text_encoder`, a list of
+    `vision_encoders`; the default), 'multi_text' (one `vision_encoder`, a list of
+    `text_encoders`) or 'multi_encoder' (lists on both sides).
+    """
     model_config = OmegaConf.to_container(config.model)
-    embed_dim = model_config['embed_dim']
-    vision_encoders = [build_encoder(tower, embed_dim) for tower in model_config['vision_encoders']]
-    text_encoder = build_encoder(model_config['text_encoder'], embed_dim)
-    return MultiVisionCLIP(vision_encoders, text_encoder, embed_dim=embed_dim)
+    kind = model_config.pop('name', 'multi_vision')
+    if kind not in MODEL_KINDS:
+        raise ValueError(f'model.name={kind!r} is invalid; choose one of {sorted(MODEL_KINDS)}')
+    model_class, vision_key, text_key = MODEL_KINDS[kind]
+
+    embed_dim = model_config.pop('embed_dim')
+    towers = {}
+    for key in (vision_key, text_key):
+        if key not in model_config:
+            raise ValueError(f'model.name={kind!r} needs model.{key}; the model section has {sorted(model_config)}')
+        tower_config = model_config.pop(key)
+        if key.endswith('s'):
+            if not isinstance(tower_config, list):
+                raise ValueError(f'model.{key} must be a list of encoder configs, got {type(tower_config).__name__}')
+            towers[key] = [build_encoder(tower, embed_dim) for tower in tower_config]
+        else:
+            towers[key] = build_encoder(tower_config, embed_dim)
+    if model_config:
+        raise ValueError(f'unknown keys {sorted(model_config)} in model for model.name={kind!r}')
+
+    return model_class(towers[vision_key], towers[text_key], embed_dim=embed_dim)
 
 
-def build_loss(config: DictConfig, num_vision_encoders: int) -> OneToManyClipLoss:
-    """Build the loss from the `loss` section, for this process's rank and world size."""
+def build_loss(config: DictConfig, model: MultiEncoderCLIPBase) -> nn.Module:
+    """Build the loss that fits `model` from the `loss` section, for this rank and world size."""
     loss_config = OmegaConf.to_container(config.get('loss', {}))
+    distributed = {'rank': dist.get_global_rank(), 'world_size': dist.get_world_size()}
+
+    if isinstance(model, MultiEncoderCLIP):
+        return MultiEncoderClipLoss(model.num_vision_encoders, model.num_text_encoders, **distributed, **loss_config)
+    if isinstance(model, MultiTextCLIP):
+        return OneToManyClipLoss(
+            text_to_multi_vision=False, num_multi_encoders=model.num_text_encoders, **distributed, **loss_config
+        )
     return OneToManyClipLoss(
-        text_to_multi_vision=True,
-        num_multi_encoders=num_vision_encoders,
-        rank=dist.get_global_rank(),
-        world_size=dist.get_world_size(),
-        **loss_config,
+        text_to_multi_vision=True, num_multi_encoders=model.num_vision_encoders, **distributed, **loss_config
     )
 
 
@@ -230,12 +264,13 @@ def build_trainer(config: DictConfig) -> Trainer:
     reproducibility.seed_all(config.seed)
 
     model = build_model(config)
-    loss_fn = build_loss(config, model.num_vision_encoders)
+    loss_fn = build_loss(config, model)
     composer_model = ComposerCLIP(model, loss_fn)
     log.info(
-        'Built %s with %d vision towers and %d trainable parameters',
+        'Built %s with %d vision and %d text towers and %d trainable parameters',
         type(model).__name__,
         model.num_vision_encoders,
+        model.num_text_encoders,
         sum(p.numel() for p in composer_model.parameters() if p.requires_grad),
     )
 

@@ -12,96 +12,156 @@ from typing import Any
 import torch
 from composer.core import DataSpec
 from composer.models import ComposerModel
+from torch import nn
 from torchmetrics import Metric
 
 from composer_clip.metrics import InBatchAccuracy, RetrievalRecall
-from composer_clip.multi_encoder_model import MultiVisionCLIP
-from composer_clip.one_to_many_loss import OneToManyClipLoss
+from composer_clip.multi_encoder_model import (
+    MultiEncoderCLIP,
+    MultiEncoderCLIPBase,
+    MultiVisionCLIP,
+    features_by_side,
+)
+from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
 
 RECALL_KS = (1, 5, 10)
 RECALL_DIRECTIONS = {'i2t': 'image_to_text', 't2i': 'text_to_image'}
 
 
 class ComposerCLIP(ComposerModel):
-    """ComposerModel around a `MultiVisionCLIP` and its `OneToManyClipLoss`.
+    """ComposerModel around a multi-encoder CLIP model and its loss.
 
-    Batches are dictionaries with `images` (one tensor, or one per vision tower), `texts`
-    (one tensor, or a one-element list) and, for evaluation, `sample_index` (batch,).
+    Pairs: `MultiVisionCLIP` with `OneToManyClipLoss(text_to_multi_vision=True)`,
+    `MultiTextCLIP` with `OneToManyClipLoss(text_to_multi_vision=False)` and
+    `MultiEncoderCLIP` with `MultiEncoderClipLoss`.
 
-    Metrics, per vision tower (`vision_0`, `vision_1`, ...) and for the aggregate of the
-    towers as the loss aggregates them (`aggregate`):
+    Batches are dictionaries with `images` and `texts` (each one tensor, or one per
+    tower) and, for evaluation, `sample_index` (batch,).
 
-    - training: `in_batch_accuracy/<tower>`;
-    - evaluation: `i2t_recall@k/<tower>` and `t2i_recall@k/<tower>` for k in 1, 5, 10,
+    Metrics compare one side with the other side's aggregate (the loss's aggregation;
+    the mean in the pairwise mode). They are reported for each vision tower `vision_i`
+    when there are several, each text tower `text_j` when there are several, and for
+    both aggregates, `aggregate`:
+
+    - training: `in_batch_accuracy/<view>`, and the loss of each tower (or tower pair)
+      as `loss/train/<tower>` when `log_tower_losses` is set;
+    - evaluation: `i2t_recall@k/<view>` and `t2i_recall@k/<view>` for k in 1, 5, 10,
       over the whole evaluation set.
     """
 
-    def __init__(self, model: MultiVisionCLIP, loss_fn: OneToManyClipLoss):
+    def __init__(self, model: MultiEncoderCLIPBase, loss_fn: nn.Module, log_tower_losses: bool = True):
         super().__init__()
-        if not loss_fn.text_to_multi_vision:
-            raise ValueError(
-                'MultiVisionCLIP has one text tower and several vision towers, but the loss has '
-                'text_to_multi_vision=False; build OneToManyClipLoss(text_to_multi_vision=True)'
-            )
-        if loss_fn.num_multi_encoders != model.num_vision_encoders:
-            raise ValueError(
-                f'the model has {model.num_vision_encoders} vision encoders but the loss has '
-                f'num_multi_encoders={loss_fn.num_multi_encoders}; set them equal'
-            )
+        check_model_and_loss(model, loss_fn)
         self.model = model
         self.loss_fn = loss_fn
-        self.tower_names = [f'vision_{index}' for index in range(model.num_vision_encoders)] + ['aggregate']
+        self.log_tower_losses = log_tower_losses
+
+        self.view_names = [f'vision_{i}' for i in range(model.num_vision_encoders) if model.num_vision_encoders > 1]
+        self.view_names += [f'text_{j}' for j in range(model.num_text_encoders) if model.num_text_encoders > 1]
+        self.view_names.append('aggregate')
 
         self.train_metrics = {
-            f'in_batch_accuracy/{tower}': tag_tower(InBatchAccuracy(), tower) for tower in self.tower_names
+            f'in_batch_accuracy/{view}': tag_view(InBatchAccuracy(), view) for view in self.view_names
         }
         self.eval_metrics = {
-            f'{short}_recall@{k}/{tower}': tag_tower(RetrievalRecall(k=k, direction=direction), tower)
-            for tower in self.tower_names
+            f'{short}_recall@{k}/{view}': tag_view(RetrievalRecall(k=k, direction=direction), view)
+            for view in self.view_names
             for short, direction in RECALL_DIRECTIONS.items()
             for k in RECALL_KS
         }
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch['images'], batch['texts'])
 
-    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss_fn(outputs['text_features'], outputs['vision_features_list'], outputs['logit_scale'])
+    def loss(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        vision, text = features_by_side(self.model, outputs)
+        logit_scale = outputs['logit_scale'] if isinstance(outputs, dict) else outputs[-1]
+        output_dict = self.log_tower_losses
 
-    def eval_forward(self, batch: dict[str, Any], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if isinstance(self.loss_fn, MultiEncoderClipLoss):
+            result = self.loss_fn(vision, text, logit_scale, output_dict=output_dict)
+        elif self.loss_fn.text_to_multi_vision:
+            result = self.loss_fn(text[0], vision, logit_scale, output_dict=output_dict)
+        else:
+            result = self.loss_fn(vision[0], text, logit_scale, output_dict=output_dict)
+        return result if output_dict else {'total': result}
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> dict[str, tuple]:
+        """Return, for each metric view, the pair (image features, text features) it compares."""
         if outputs is None:
             outputs = self.forward(batch)
-        vision_features = list(outputs['vision_features_list'])
-        vision_features.append(self.loss_fn.aggregate(vision_features))
-        return {'text_features': outputs['text_features'], 'vision_features_per_tower': vision_features}
+        vision, text = features_by_side(self.model, outputs)
+        vision_aggregate, text_aggregate = self._aggregates(vision, text)
+
+        views = {}
+        if len(vision) > 1:
+            views.update({f'vision_{i}': (features, text_aggregate) for i, features in enumerate(vision)})
+        if len(text) > 1:
+            views.update({f'text_{j}': (vision_aggregate, features) for j, features in enumerate(text)})
+        views['aggregate'] = (vision_aggregate, text_aggregate)
+        return views
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
 
-    def update_metric(self, batch: dict[str, Any], outputs: dict[str, Any], metric: Metric) -> None:
-        tower_index = self.tower_names.index(self._tower_of(metric))
-        image_features = outputs['vision_features_per_tower'][tower_index]
-        text_features = outputs['text_features']
-
+    def update_metric(self, batch: dict[str, Any], outputs: dict[str, tuple], metric: Metric) -> None:
+        image_features, text_features = outputs[self._view_of(metric)]
         if isinstance(metric, RetrievalRecall):
             metric.update(image_features, text_features, batch['sample_index'])
         else:
             metric.update(image_features, text_features)
 
-    def _tower_of(self, metric: Metric) -> str:
-        tower = getattr(metric, 'tower', None)
-        if tower not in self.tower_names:
-            raise ValueError(f'metric {metric!r} was not created by this model; it names no tower of it')
-        return tower
+    def _aggregates(self, vision: list[torch.Tensor], text: list[torch.Tensor]):
+        if isinstance(self.loss_fn, MultiEncoderClipLoss):
+            return self.loss_fn.aggregate_vision(vision), self.loss_fn.aggregate_text(text)
+        if self.loss_fn.text_to_multi_vision:
+            return self.loss_fn.aggregate(vision), text[0]
+        return vision[0], self.loss_fn.aggregate(text)
+
+    def _view_of(self, metric: Metric) -> str:
+        view = getattr(metric, 'view', None)
+        if view not in self.view_names:
+            raise ValueError(f'metric {metric!r} was not created by this model; it names no view of it')
+        return view
 
 
-def tag_tower(metric: Metric, tower: str) -> Metric:
-    """Record on `metric` which tower's features it measures.
+def check_model_and_loss(model: MultiEncoderCLIPBase, loss_fn: nn.Module) -> None:
+    """Raise unless `loss_fn` fits the model's kind and tower counts."""
+    if isinstance(model, MultiEncoderCLIP):
+        if not isinstance(loss_fn, MultiEncoderClipLoss):
+            raise ValueError(f'MultiEncoderCLIP needs MultiEncoderClipLoss, got {type(loss_fn).__name__}')
+        counts = (loss_fn.num_vision_encoders, loss_fn.num_text_encoders)
+        if counts != (model.num_vision_encoders, model.num_text_encoders):
+            raise ValueError(
+                f'the model has {model.num_vision_encoders} vision and {model.num_text_encoders} text encoders '
+                f'but the loss has num_vision_encoders={counts[0]} and num_text_encoders={counts[1]}; set them equal'
+            )
+        return
+
+    if not isinstance(loss_fn, OneToManyClipLoss):
+        raise ValueError(f'{type(model).__name__} needs OneToManyClipLoss, got {type(loss_fn).__name__}')
+    multi_vision = isinstance(model, MultiVisionCLIP)
+    if loss_fn.text_to_multi_vision != multi_vision:
+        raise ValueError(
+            f'{type(model).__name__} has several {"vision" if multi_vision else "text"} towers, but the loss has '
+            f'text_to_multi_vision={loss_fn.text_to_multi_vision}; build OneToManyClipLoss('
+            f'text_to_multi_vision={multi_vision})'
+        )
+    side, count = ('vision', model.num_vision_encoders) if multi_vision else ('text', model.num_text_encoders)
+    if loss_fn.num_multi_encoders != count:
+        raise ValueError(
+            f'the model has {count} {side} encoders but the loss has '
+            f'num_multi_encoders={loss_fn.num_multi_encoders}; set them equal'
+        )
+
+
+def tag_view(metric: Metric, view: str) -> Metric:
+    """Record on `metric` which pair of features it measures.
 
     Composer deep-copies the metrics that `get_metrics` returns and passes the copies to
-    `update_metric`, so the tower travels as an attribute rather than by object identity.
+    `update_metric`, so the view travels as an attribute rather than by object identity.
     """
-    metric.tower = tower
+    metric.view = view
     return metric
 
 

@@ -31,3 +31,37 @@ def tuxpaint_stamps() -> Path:
         return DEFAULT_STAMPS_DIR
 
     return extract_stamps_package(REPO_ROOT / '.cache' / 'demo')
+
+
+def write_tiny_roberta(folder: Path) -> Path:
+    """Write a tiny RoBERTa with its own byte-level BPE tokenizer, trained on a few captions, to `folder`.
+
+    Its tokenizer differs from BERT's WordPiece in vocabulary and pad id (1 instead of 0),
+    which is what multi-text tests need.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = ['a red bicycle', 'two cats on a sofa', 'the quick brown fox jumps over the lazy dog'] * 10
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(captions, vocab_size=400, min_frequency=1,
+                            special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>'])
+    bpe.save_model(str(folder))
+    tokenizer = RobertaTokenizerFast(
+        vocab_file=str(folder / 'vocab.json'), merges_file=str(folder / 'merges.txt'), model_max_length=64
+    )
+    tokenizer.save_pretrained(folder)
+
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_roberta_dir(tmp_path_factory) -> Path:
+    """A local folder holding a tiny RoBERTa model and its byte-level BPE tokenizer."""
+    return write_tiny_roberta(tmp_path_factory.mktemp('tiny_roberta'))

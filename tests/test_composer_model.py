@@ -2,14 +2,14 @@ import math
 
 import pytest
 import torch
-from composer import Trainer
+from composer import Callback, Trainer
 from composer.core import Evaluator
 from torch import nn
 
 from composer_clip.callbacks import ClampLogitScale
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
-from composer_clip.multi_encoder_model import MultiVisionCLIP
-from composer_clip.one_to_many_loss import OneToManyClipLoss
+from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiTextCLIP, MultiVisionCLIP
+from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
 
 EMBED_DIM = 16
 BATCH = 8
@@ -26,10 +26,10 @@ class FlattenProjectVision(nn.Module):
 
 
 class BagOfTokensText(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab_size=100):
         super().__init__()
         self.output_dim = EMBED_DIM
-        self.embedding = nn.EmbeddingBag(100, EMBED_DIM)
+        self.embedding = nn.EmbeddingBag(vocab_size, EMBED_DIM)
 
     def forward(self, token_ids):
         return self.embedding(token_ids)
@@ -57,8 +57,8 @@ def test_composer_clip_loss_decreases_on_fixed_batch():
     composer_model = build_composer_model()
     batch = fixed_batch()
     with torch.no_grad():
-        initial_loss = composer_model.loss(composer_model(batch), batch).item()
-    initial_weights = composer_model.loss_fn.weight_logits.detach().clone()
+        initial_loss = composer_model.loss(composer_model(batch), batch)['total'].item()
+    initial_weights = composer_model.loss_fn.aggregator.weight_logits.detach().clone()
 
     trainer = Trainer(
         model=composer_model,
@@ -74,10 +74,10 @@ def test_composer_clip_loss_decreases_on_fixed_batch():
     trainer.fit()
 
     with torch.no_grad():
-        final_loss = composer_model.loss(composer_model(batch), batch).item()
+        final_loss = composer_model.loss(composer_model(batch), batch)['total'].item()
     assert final_loss < 0.5 * initial_loss
     # The learnable aggregation weights are trained with the towers.
-    assert not torch.equal(composer_model.loss_fn.weight_logits.detach(), initial_weights)
+    assert not torch.equal(composer_model.loss_fn.aggregator.weight_logits.detach(), initial_weights)
     assert composer_model.model.logit_scale.item() <= math.log(100)
     assert trainer.state.train_metric_values['in_batch_accuracy/aggregate'].item() == pytest.approx(1.0)
 
@@ -117,4 +117,112 @@ def test_composer_clip_rejects_tower_count_mismatch():
     model = MultiVisionCLIP([FlattenProjectVision(48)], BagOfTokensText(), embed_dim=EMBED_DIM)
 
     with pytest.raises(ValueError, match='1 vision encoders but the loss has num_multi_encoders=2'):
+        ComposerCLIP(model, OneToManyClipLoss(num_multi_encoders=2))
+
+
+def two_tokenizer_batch():
+    """Two text towers with different vocabularies see different token ids of one caption."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        'images': [torch.randn(BATCH, 3, 4, 4, generator=generator), torch.randn(BATCH, 3, 6, 6, generator=generator)],
+        'texts': [torch.randint(0, 100, (BATCH, 5), generator=generator),
+                  torch.randint(0, 30, (BATCH, 7), generator=generator)],
+        'sample_index': torch.arange(BATCH),
+    }
+
+
+def fit(composer_model, batch, steps=20, lr=0.05):
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=clip_data_spec([batch] * steps),
+        max_duration=f'{steps}ba',
+        device_train_microbatch_size=BATCH,
+        optimizers=torch.optim.Adam(composer_model.parameters(), lr=lr),
+        callbacks=[ClampLogitScale()],
+        device='cpu',
+        progress_bar=False,
+        seed=0,
+    )
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize('aggregation', ['weighted', 'pairwise'])
+def test_composer_clip_trains_multi_text(aggregation):
+    torch.manual_seed(0)
+    model = MultiTextCLIP(FlattenProjectVision(48), [BagOfTokensText(100), BagOfTokensText(30)], embed_dim=EMBED_DIM)
+    loss_fn = OneToManyClipLoss(text_to_multi_vision=False, num_multi_encoders=2, aggregation=aggregation,
+                                learnable_weights=aggregation == 'weighted')
+    composer_model = ComposerCLIP(model, loss_fn)
+    batch = two_tokenizer_batch()
+    batch['images'] = batch['images'][0]
+    with torch.no_grad():
+        initial = composer_model.loss(composer_model(batch), batch)
+
+    trainer = fit(composer_model, batch)
+
+    with torch.no_grad():
+        final = composer_model.loss(composer_model(batch), batch)
+    assert set(final) == {'total', 'text_0', 'text_1'}
+    assert final['total'] < 0.5 * initial['total']
+    assert set(trainer.state.train_metric_values) == {
+        'in_batch_accuracy/text_0', 'in_batch_accuracy/text_1', 'in_batch_accuracy/aggregate'}
+
+
+def test_composer_clip_trains_multi_encoder():
+    torch.manual_seed(0)
+    model = MultiEncoderCLIP(
+        [FlattenProjectVision(48), FlattenProjectVision(108)], [BagOfTokensText(100), BagOfTokensText(30)],
+        embed_dim=EMBED_DIM,
+    )
+    composer_model = ComposerCLIP(model, MultiEncoderClipLoss(2, 2, aggregation='weighted', learnable_weights=True))
+    batch = two_tokenizer_batch()
+    with torch.no_grad():
+        initial = composer_model.loss(composer_model(batch), batch)
+
+    trainer = fit(composer_model, batch)
+
+    with torch.no_grad():
+        final = composer_model.loss(composer_model(batch), batch)
+    assert final['total'] < 0.5 * initial['total']
+    assert {'vision_0_text_0', 'vision_1_text_1'} <= set(final)
+    assert composer_model.loss_fn.vision_aggregator.weight_logits.abs().sum() > 0
+    assert composer_model.loss_fn.text_aggregator.weight_logits.abs().sum() > 0
+    assert {'in_batch_accuracy/vision_1', 'in_batch_accuracy/text_1'} <= set(trainer.state.train_metric_values)
+
+
+def test_clamp_logit_scale_after_each_step():
+    composer_model = build_composer_model(aggregation='mean', learnable_weights=False)
+    batch = fixed_batch()
+    seen = []
+
+    class PushAndRecordScale(Callback):
+        def after_backward(self, state, logger):
+            # A gradient that makes the optimizer step raise the scale far past ln(100).
+            composer_model.model.logit_scale.grad.fill_(-1000.0)
+
+        def batch_end(self, state, logger):
+            seen.append(composer_model.model.logit_scale.item())
+
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=clip_data_spec([batch] * 6),
+        max_duration='6ba',
+        device_train_microbatch_size=BATCH,
+        optimizers=torch.optim.SGD([composer_model.model.logit_scale], lr=1.0),
+        callbacks=[ClampLogitScale(), PushAndRecordScale()],
+        device='cpu',
+        progress_bar=False,
+    )
+    trainer.fit()
+
+    assert len(seen) == 6
+    for value in seen:
+        assert value == pytest.approx(math.log(100))
+
+
+def test_composer_clip_rejects_wrong_loss_direction():
+    model = MultiTextCLIP(FlattenProjectVision(48), [BagOfTokensText(), BagOfTokensText()], embed_dim=EMBED_DIM)
+
+    with pytest.raises(ValueError, match=r'text_to_multi_vision=True; build OneToManyClipLoss\(text_to_multi_vision=False\)'):
         ComposerCLIP(model, OneToManyClipLoss(num_multi_encoders=2))

