@@ -474,6 +474,10 @@ def get_hidden_size(config) -> int:
         'it has none of hidden_size, d_model, n_embd, dim, width, hidden_sizes')
 
 
+def _accepts_add_pooling_layer(model_class: type) -> bool:
+    return 'add_pooling_layer' in inspect.signature(model_class.__init__).parameters
+
+
 def _model_kwargs_without_pooler(config) -> Dict[str, Any]:
     """Return `add_pooling_layer=False` for model classes that accept it.
 
@@ -486,21 +490,40 @@ def _model_kwargs_without_pooler(config) -> Dict[str, Any]:
         model_class = MODEL_MAPPING[type(config)]
     except KeyError:
         return {}
-    if 'add_pooling_layer' in inspect.signature(model_class.__init__).parameters:
+    if _accepts_add_pooling_layer(model_class):
         return {'add_pooling_layer': False}
     return {}
 
 
-def load_transformers_model(model_name: str, pretrained: bool, trust_remote_code: bool, config=None):
+def remove_pooling_layer(model: nn.Module) -> bool:
+    """Remove the optional pooling layer of a loaded transformers model, and return True when one was removed.
+
+    Model classes that accept `add_pooling_layer` (BERT, ViT, Swin) store that layer as `pooler`
+    and skip it in forward when it is None. Other models keep their layers.
+    """
+    if not _accepts_add_pooling_layer(type(model)) or getattr(model, 'pooler', None) is None:
+        return False
+    model.pooler = None
+    return True
+
+
+def load_transformers_model(
+        model_name: str,
+        pretrained: bool,
+        trust_remote_code: bool,
+        config=None,
+        add_pooling_layer: bool = False,
+):
     """Load `AutoModel` for `model_name` (hub name or local folder), or build it with random weights.
 
-    Encoder-decoder models return only their encoder.
+    Model classes that accept `add_pooling_layer` are built without their pooling layer unless
+    `add_pooling_layer=True`. Encoder-decoder models return only their encoder.
     """
     from transformers import AutoConfig, AutoModel
 
     if config is None:
         config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    kwargs = _model_kwargs_without_pooler(config)
+    kwargs = {} if add_pooling_layer else _model_kwargs_without_pooler(config)
 
     if pretrained:
         model = AutoModel.from_pretrained(model_name, trust_remote_code=trust_remote_code, **kwargs)
@@ -533,6 +556,24 @@ def resolve_context_length(
     return requested
 
 
+def is_causal_language_model(config) -> bool:
+    """Return True for decoder-only text models (GPT-2, Llama), whose tokens see only earlier tokens.
+
+    A model counts as causal when its config sets `is_decoder`, or when transformers maps its
+    model type to a causal language model head and not to a masked one. BERT and RoBERTa have
+    both heads and count as encoders.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, 'is_decoder', False):
+        return True
+    model_type = getattr(config, 'model_type', None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 class TransformersTextEncoder(BaseTextEncoder):
     """Any transformers text model loadable with `AutoModel`, pooled and projected to `output_dim`.
 
@@ -541,7 +582,8 @@ class TransformersTextEncoder(BaseTextEncoder):
             when `pretrained=True`).
         output_dim: width of the returned features.
         pooler_type: 'cls' (first token), 'mean' or 'max' (over non-padding tokens), or 'last'
-            (last non-padding token, for decoder-only models).
+            (last non-padding token). Decoder-only models (GPT-2, Llama) reject 'cls', because
+            their first token attends only to itself.
         proj_type: 'linear', 'mlp' or 'none' (requires hidden size == output_dim).
         pretrained: load the weights; False builds the architecture from its config with random
             weights.
@@ -551,6 +593,9 @@ class TransformersTextEncoder(BaseTextEncoder):
         output_tokens: also return the last hidden states `(batch, sequence, hidden)`.
 
     The attention mask is `token_ids != pad_id`, where `pad_id` is the tokenizer's pad token.
+    A tokenizer without a pad token (GPT-2, Llama) pads with its eos token, so `pad_id` is the
+    eos id. `get_tokenizer()` pads on the right, which keeps the positions of the real tokens
+    and, in a causal model, keeps them from attending to padding.
     """
 
     def __init__(
@@ -570,14 +615,28 @@ class TransformersTextEncoder(BaseTextEncoder):
         check_projection_type(proj_type)
 
         config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        if pooler_type == 'cls' and is_causal_language_model(config):
+            raise ValueError(
+                f"pooler_type='cls' is invalid for the decoder-only model {model_name} ({config.model_type}), "
+                "whose first token attends only to itself; pass pooler_type='mean', 'max' or 'last'")
+
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        tokenizer_pad_token = None
         pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = getattr(config, 'pad_token_id', None)
+        if pad_id is None and tokenizer.eos_token_id is not None:
+            # NOTE: with pad == eos, an eos token inside the text is masked like padding. Mean and
+            # max pooling skip it, and 'last' pools the token before it. The GPT-2 and Llama
+            # tokenizers append no eos, so plain texts lose nothing, but a recipe that appends eos
+            # and pools on it (as many decoder embedding models do) cannot be reproduced here.
+            tokenizer_pad_token = tokenizer.eos_token
+            pad_id = tokenizer.eos_token_id
+            logger.info(
+                'The tokenizer of %s has no pad token; padding with its eos token %r (id %d) on the right',
+                model_name, tokenizer_pad_token, pad_id)
         if pad_id is None:
             raise ValueError(
-                f'the tokenizer of {model_name} has no pad token, so padding cannot be masked; '
-                'choose a model whose tokenizer defines pad_token')
+                f'the tokenizer of {model_name} has neither a pad token nor an eos token, so padding '
+                'cannot be masked; choose a model whose tokenizer defines pad_token or eos_token')
 
         context_length = resolve_context_length(
             model_name,
@@ -592,18 +651,17 @@ class TransformersTextEncoder(BaseTextEncoder):
         self.trust_remote_code = trust_remote_code
         self.output_tokens = output_tokens
         self.pad_id = pad_id
+        self.tokenizer_pad_token = tokenizer_pad_token
         self.transformer = load_transformers_model(model_name, pretrained, trust_remote_code, config=config)
         self.pooler = pooler
         self.proj = build_projection(proj_type, get_hidden_size(self.transformer.config), output_dim)
 
         logger.info(
-            'Built %s from %s (pretrained=%s, pooler=%s, proj=%s, context_length=%d)',
-            type(self).__name__, model_name, pretrained, pooler_type, proj_type, context_length)
+            'Built %s from %s (pretrained=%s, pooler=%s, proj=%s, context_length=%d, pad_id=%d)',
+            type(self).__name__, model_name, pretrained, pooler_type, proj_type, context_length, pad_id)
 
     def forward(self, token_ids: torch.Tensor):
         """Encode token ids `(batch, sequence)` into `(batch, output_dim)` features."""
-        # NOTE: a tokenizer whose pad token is also a real token (GPT-2 style, pad == eos) loses
-        # that token to the mask.
         attention_mask = token_ids != self.pad_id
         outputs = self.transformer(input_ids=token_ids, attention_mask=attention_mask.long())
         hidden_states = outputs[0]
@@ -614,10 +672,17 @@ class TransformersTextEncoder(BaseTextEncoder):
         return features
 
     def get_tokenizer(self):
-        """Return `open_clip.tokenizer.HFTokenizer` for this model, padding to `context_length`."""
+        """Return `open_clip.tokenizer.HFTokenizer` for this model, padding on the right to `context_length`.
+
+        A tokenizer without a pad token gets its eos token as pad token (see the class docstring).
+        """
         from open_clip.tokenizer import HFTokenizer
 
-        kwargs = {'trust_remote_code': True} if self.trust_remote_code else {}
+        kwargs = {'padding_side': 'right'}
+        if self.trust_remote_code:
+            kwargs['trust_remote_code'] = True
+        if self.tokenizer_pad_token is not None:
+            kwargs['pad_token'] = self.tokenizer_pad_token
         return HFTokenizer(self.model_name, context_length=self.context_length, **kwargs)
 
     def block_modules(self) -> List[nn.Module]:
@@ -658,6 +723,46 @@ def _transformers_preprocess_cfg(model_name: str, image_size: ImageSize, trust_r
     return cfg
 
 
+VISION_POOLER_TYPES = ('cls', 'mean', 'max')
+
+# Attributes of the embedding modules of transformers vision models that hold a class token:
+# `cls_token` in ViT, DeiT, BEiT and DINOv2, `class_embedding` in CLIP and BLIP.
+_CLASS_TOKEN_ATTRIBUTES = ('cls_token', 'class_embedding')
+
+
+def count_prefix_tokens(model: nn.Module) -> int:
+    """Return how many tokens a transformers vision model places before its patch tokens.
+
+    The class token counts, and so do DeiT's distillation token and the register tokens of
+    DINOv2 with registers and DINOv3, which follow it. Models without a class token (ConvNeXt,
+    Swin, SigLIP) have none.
+    """
+    for module in model.modules():
+        has_class_token = any(
+            isinstance(getattr(module, name, None), nn.Parameter) for name in _CLASS_TOKEN_ATTRIBUTES)
+        if not has_class_token:
+            continue
+
+        count = 1
+        if isinstance(getattr(module, 'distillation_token', None), nn.Parameter):
+            count += 1
+        registers = getattr(module, 'register_tokens', None)
+        if isinstance(registers, nn.Parameter):
+            count += registers.shape[-2]
+        return count
+    return 0
+
+
+def _has_position_embeddings(model: nn.Module) -> bool:
+    return any('position_embedding' in name or 'pos_embed' in name for name, _ in model.named_parameters())
+
+
+def _as_pair(size) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    return tuple(size)
+
+
 class TransformersVisionEncoder(BaseVisionEncoder):
     """Any transformers vision model loadable with `AutoModel`, pooled and projected to `output_dim`.
 
@@ -666,15 +771,30 @@ class TransformersVisionEncoder(BaseVisionEncoder):
             `pretrained=True`, and preprocessing settings when it has an image processor).
         output_dim: width of the returned features.
         image_size: input resolution. A randomly initialised model is built for it. A pretrained
-            model that was trained at another size must accept `interpolate_pos_encoding` in forward.
-        pooler_type: 'cls' (first token), 'mean', 'max' or 'last' over all tokens.
+            model with position embeddings that was trained at another size must accept
+            `interpolate_pos_encoding` in forward. Convolutional models accept any size.
+        pooler_type: 'cls', 'mean' or 'max' (see below).
         proj_type: 'linear', 'mlp' or 'none' (requires hidden size == output_dim).
         pretrained: load the weights; False builds the architecture from its config.
         trust_remote_code: allow models whose code ships with the checkpoint.
-        output_tokens: also return the last hidden states `(batch, tokens, hidden)`.
+        output_tokens: also return the spatial tokens `(batch, tokens, hidden)`.
 
-    Convolutional models whose last hidden state is a feature map `(batch, channels, h, w)` are
-    pooled over its `h * w` positions.
+    Pooling:
+        - 'cls' takes the class token (position 0 of the last hidden state) of models that have
+          one (ViT, DeiT, BEiT, DINOv2, CLIP). Models without a class token (ConvNeXt, Swin,
+          SigLIP) return their own pooled output (`pooler_output`) instead: for ConvNeXt the
+          layer norm of the spatial mean, for Swin the spatial mean, for SigLIP its attention
+          pooling head.
+        - 'mean' and 'max' reduce over the spatial tokens only: the patch tokens without the
+          class, distillation and register tokens, or the `h * w` positions of a feature map
+          `(batch, channels, h, w)`.
+
+    The spatial tokens are also what `output_tokens=True` returns. A pooling layer that the
+    chosen pooler does not use (ViT's dense-tanh pooler, Swin's pooler under 'mean') is removed.
+    Parameters that the pooled features do not depend on (DINOv2's mask token, ConvNeXt's final
+    layer norm under 'mean') stay in the state dict but are frozen, and `lock` keeps them frozen.
+    Their names are in `unused_parameter_names`. Finding them costs one forward and backward pass
+    of a blank image when the encoder is built.
     """
 
     def __init__(
@@ -690,58 +810,130 @@ class TransformersVisionEncoder(BaseVisionEncoder):
     ):
         from transformers import AutoConfig
 
-        pooler = build_pooler(pooler_type)
+        if pooler_type not in VISION_POOLER_TYPES:
+            raise ValueError(
+                f'pooler_type={pooler_type!r} is invalid for a vision encoder; '
+                f'choose one of {list(VISION_POOLER_TYPES)}')
         check_projection_type(proj_type)
         super().__init__(output_dim, image_size=image_size)
 
         config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
         config_size = getattr(config, 'image_size', None)
-        requested = image_size if isinstance(image_size, int) else tuple(image_size)
-        self.interpolate_pos_encoding = False
-        if config_size is not None and config_size != requested:
-            if pretrained:
-                self.interpolate_pos_encoding = True
-            else:
-                config.image_size = requested
+        needs_other_size = config_size is not None and _as_pair(config_size) != _as_pair(image_size)
+        if needs_other_size and not pretrained:
+            config.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
 
         self.model_name = model_name
+        self.pooler_type = pooler_type
         self.output_tokens = output_tokens
-        self.transformer = load_transformers_model(model_name, pretrained, trust_remote_code, config=config)
-        if self.interpolate_pos_encoding:
+        self.transformer = load_transformers_model(
+            model_name, pretrained, trust_remote_code, config=config, add_pooling_layer=True)
+        self.num_prefix_tokens = count_prefix_tokens(self.transformer)
+        if self.num_prefix_tokens > 0 or pooler_type != 'cls':
+            remove_pooling_layer(self.transformer)
+
+        self.interpolate_pos_encoding = False
+        if needs_other_size and pretrained:
             forward_parameters = inspect.signature(self.transformer.forward).parameters
-            if 'interpolate_pos_encoding' not in forward_parameters:
+            if 'interpolate_pos_encoding' in forward_parameters:
+                self.interpolate_pos_encoding = True
+            elif _has_position_embeddings(self.transformer):
                 raise ValueError(
                     f'{model_name} was trained at image_size={config_size} and its model cannot interpolate '
                     f'position embeddings for image_size={image_size}; pass image_size={config_size}')
 
-        self.pooler = pooler
+        self.pooler = build_pooler(pooler_type)
         self.proj = build_projection(proj_type, get_hidden_size(self.transformer.config), output_dim)
         self.preprocess_cfg = _transformers_preprocess_cfg(model_name, image_size, trust_remote_code)
 
+        # Parameters that the pooled features do not depend on (DINOv2's mask token, ConvNeXt's
+        # final layer norm under 'mean') would get no gradients, which DDP reports as an error.
+        self.unused_parameter_names = self._find_unused_parameters()
+        self._freeze_unused_parameters()
+
         logger.info(
-            'Built %s from %s (pretrained=%s, image_size=%s, pooler=%s, proj=%s)',
-            type(self).__name__, model_name, pretrained, image_size, pooler_type, proj_type)
+            'Built %s from %s (pretrained=%s, image_size=%s, pooler=%s, prefix tokens=%d, proj=%s)',
+            type(self).__name__, model_name, pretrained, image_size, pooler_type, self.num_prefix_tokens, proj_type)
 
     def forward(self, images: torch.Tensor):
         """Encode images `(batch, channels, height, width)` into `(batch, output_dim)` features."""
-        kwargs = {'interpolate_pos_encoding': True} if self.interpolate_pos_encoding else {}
-        hidden_states = self.transformer(pixel_values=images, **kwargs)[0]
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-
-        features = self.proj(self.pooler(hidden_states))
+        pooled, tokens = self._pool(images)
+        features = self.proj(pooled)
         if self.output_tokens:
-            return features, hidden_states
+            return features, tokens
         return features
 
+    def _pool(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return the pooled features `(batch, hidden)` and the spatial tokens `(batch, tokens, hidden)`."""
+        kwargs = {'interpolate_pos_encoding': True} if self.interpolate_pos_encoding else {}
+        outputs = self.transformer(pixel_values=images, **kwargs)
+        hidden_states = outputs[0]
+
+        if hidden_states.ndim == 4:
+            tokens = hidden_states.flatten(2).transpose(1, 2)
+        else:
+            tokens = hidden_states[:, self.num_prefix_tokens:]
+
+        if self.pooler_type == 'cls':
+            pooled = self._pool_class_token(outputs, hidden_states)
+        else:
+            pooled = self.pooler(tokens)
+        return pooled, tokens
+
+    def _find_unused_parameters(self) -> List[str]:
+        """Return the names of the transformer parameters that the pooled features do not depend on.
+
+        One forward and backward pass of a blank image at `image_size`, in eval mode, finds them.
+        This also checks that the model returns what `pooler_type` needs.
+        """
+        parameters = {
+            name: parameter for name, parameter in self.transformer.named_parameters() if parameter.requires_grad}
+        reference = next(iter(parameters.values()))
+        height, width = _as_pair(self.image_size)
+        channels = getattr(self.transformer.config, 'num_channels', 3)
+        images = torch.zeros(1, channels, height, width, device=reference.device, dtype=reference.dtype)
+
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            with torch.enable_grad():
+                pooled, _ = self._pool(images)
+                gradients = torch.autograd.grad(pooled.sum(), list(parameters.values()), allow_unused=True)
+        finally:
+            self.transformer.train(was_training)
+
+        unused = [name for name, gradient in zip(parameters, gradients) if gradient is None]
+        if unused:
+            logger.info(
+                'Froze %d parameters of %s that pooler_type=%r does not use: %s',
+                len(unused), self.model_name, self.pooler_type, unused)
+        return unused
+
+    def _freeze_unused_parameters(self) -> None:
+        for name in self.unused_parameter_names:
+            self.transformer.get_parameter(name).requires_grad_(False)
+
+    def _pool_class_token(self, outputs, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.num_prefix_tokens > 0 and hidden_states.ndim == 3:
+            return hidden_states[:, 0]
+
+        pooled = getattr(outputs, 'pooler_output', None)
+        if pooled is None:
+            raise ValueError(
+                f"{self.model_name} has no class token and returns no pooled output, so pooler_type='cls' "
+                "has nothing to take; pass pooler_type='mean' or 'max'")
+        # ResNet-style models return their pooled output as (batch, channels, 1, 1).
+        return pooled.flatten(1)
+
     def block_modules(self) -> List[nn.Module]:
-        """Return the transformer layers (see `find_transformer_layers`)."""
+        """Return the transformer layers, or the stages of convolutional models (see `find_transformer_layers`)."""
         return find_transformer_layers(self.transformer)
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         """Freeze the embeddings and all but the last `unlocked_groups` layers. The projection stays trainable."""
         layers = self.block_modules()
         lock_transformer(self.transformer, layers, unlocked_groups, freeze_norm=True)
+        self._freeze_unused_parameters()
         if freeze_bn_stats:
             unlocked = layers[len(layers) - unlocked_groups:] if unlocked_groups else []
             self.freeze_batch_norm_stats(list(unlocked) + [self.proj])

@@ -30,7 +30,12 @@ from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from composer_clip.base_model import BaseTextEncoder, BaseVisionEncoder, TransformersTextEncoder
+from composer_clip.base_model import (
+    BaseTextEncoder,
+    BaseVisionEncoder,
+    TransformersTextEncoder,
+    TransformersVisionEncoder,
+)
 from composer_clip.callbacks import ClampLogitScale
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.data import build_image_text_dataloader, build_image_transform
@@ -38,6 +43,12 @@ from composer_clip.hf_model import HFTextEncoder
 from composer_clip.mobilenet_model import MobileNetV2Encoder
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiEncoderCLIPBase, MultiTextCLIP, MultiVisionCLIP
 from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
+from composer_clip.openclip_towers import (
+    OpenCLIPTextTransformer,
+    OpenCLIPVisionTransformer,
+    text_tower_from_openclip,
+    vision_tower_from_openclip,
+)
 from composer_clip.timm_model import TimmModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,11 @@ encoders.register('timm', func=TimmModel)
 encoders.register('hf_text', func=HFTextEncoder)
 encoders.register('transformers_text', func=TransformersTextEncoder)
 encoders.register('mobilenet_v2', func=MobileNetV2Encoder)
+encoders.register('transformers_vision', func=TransformersVisionEncoder)
+encoders.register('openclip_vision', func=OpenCLIPVisionTransformer)
+encoders.register('openclip_text', func=OpenCLIPTextTransformer)
+encoders.register('openclip_pretrained_vision', func=vision_tower_from_openclip)
+encoders.register('openclip_pretrained_text', func=text_tower_from_openclip)
 
 TOP_LEVEL_KEYS = {
     'variables', 'run_name', 'seed', 'device', 'model', 'loss', 'train_loader', 'eval_loader',

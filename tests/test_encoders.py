@@ -8,7 +8,28 @@ import timm
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    ConvNextConfig,
+    ConvNextModel,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
+    SegformerConfig,
+    SegformerModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from composer_clip.base_model import (
     BaseTextEncoder,
@@ -76,6 +97,168 @@ def tiny_vit_dir(tmp_path_factory):
     )
     ViTModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_dinov2_registers_dir(tmp_path_factory):
+    """Folder with a 2-layer DINOv2 with 2 register tokens, width 32, for 32x32 images."""
+    folder = tmp_path_factory.mktemp('tiny_dinov2_registers')
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+        num_register_tokens=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    Dinov2WithRegistersModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_convnext_dir(tmp_path_factory):
+    """Folder with a 2-stage ConvNeXt (widths 8 and 16), whose output is a feature map without a class token."""
+    folder = tmp_path_factory.mktemp('tiny_convnext')
+    torch.manual_seed(0)
+    config = ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32)
+    ConvNextModel(config).save_pretrained(folder)
+    return folder
+
+
+# Vocabulary of the word-level tokenizers below: the words of SENTENCES.
+WORDS = sorted({word for sentence in SENTENCES for word in sentence.split()})
+
+
+def _save_word_level_tokenizer(folder, special_tokens, prepend=None, append=None, **tokenizer_kwargs):
+    """Save a fast word-level tokenizer whose ids are `special_tokens` (in order), then WORDS.
+
+    `prepend` and `append` are special tokens added around every text, as RoBERTa (<s> ... </s>)
+    and Llama (<s> ...) do. `tokenizer_kwargs` go to PreTrainedTokenizerFast (special tokens, padding_side).
+    """
+    vocab = {token: index for index, token in enumerate(list(special_tokens) + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if prepend or append:
+        single = ' '.join(token for token in (prepend, '$A', append) if token)
+        specials = [(token, vocab[token]) for token in (prepend, append) if token]
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token='<unk>', model_max_length=32, **tokenizer_kwargs)
+    fast.save_pretrained(folder)
+    return vocab
+
+
+@pytest.fixture(scope='module')
+def tiny_roberta_dir(tmp_path_factory):
+    """Folder with a 2-layer RoBERTa of width 32, whose pad id is 1 (<s>=0, <pad>=1, </s>=2)."""
+    folder = tmp_path_factory.mktemp('tiny_roberta')
+    vocab = _save_word_level_tokenizer(
+        folder, ['<s>', '<pad>', '</s>', '<unk>'], prepend='<s>', append='</s>',
+        bos_token='<s>', eos_token='</s>', pad_token='<pad>')
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_gpt2_dir(tmp_path_factory):
+    """Folder with a 2-layer GPT-2 of width 32 whose tokenizer, like GPT-2's, has an eos token and no pad token."""
+    folder = tmp_path_factory.mktemp('tiny_gpt2')
+    # GPT-2 places <|endoftext|> last in its vocabulary, as the tokenizer adds it here.
+    vocab = _save_word_level_tokenizer(folder, ['<unk>'], eos_token='<|endoftext|>', bos_token='<|endoftext|>')
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab) + 1,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=len(vocab),
+        eos_token_id=len(vocab),
+    )
+    GPT2Model(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_llama_dir(tmp_path_factory):
+    """Folder with a 2-layer Llama of width 32 whose tokenizer prepends <s>, has no pad token and pads on the left."""
+    folder = tmp_path_factory.mktemp('tiny_llama')
+    vocab = _save_word_level_tokenizer(
+        folder, ['<unk>', '<s>', '</s>'], prepend='<s>', bos_token='<s>', eos_token='</s>', padding_side='left')
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    LlamaModel(config).save_pretrained(folder)
+    return folder
+
+
+def _pool_by_hand(hidden_states, pooler_type):
+    """Pool the hidden states `(tokens, width)` of one unpadded text."""
+    reductions = {
+        'cls': lambda sample: sample[0],
+        'mean': lambda sample: sample.mean(dim=0),
+        'max': lambda sample: sample.max(dim=0).values,
+        'last': lambda sample: sample[-1],
+    }
+    return reductions[pooler_type](hidden_states)
+
+
+def _reference_text_features(folder, texts, pooler_type):
+    """Pool the last hidden states of each text, run alone without padding through a separately loaded model."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    features = []
+    with torch.no_grad():
+        for text in texts:
+            token_ids = torch.tensor([tokenizer(text)['input_ids']])
+            hidden_states = model(input_ids=token_ids).last_hidden_state[0]
+            features.append(_pool_by_hand(hidden_states, pooler_type))
+    return torch.stack(features)
+
+
+def _project_by_hand(features, projection, proj_type):
+    """Apply a 'linear', 'mlp' or 'none' projection with its weights, without calling the module."""
+    if proj_type == 'linear':
+        return features @ projection.weight.T
+    if proj_type == 'mlp':
+        return torch.nn.functional.gelu(features @ projection[0].weight.T) @ projection[2].weight.T
+    return features
 
 
 def _reference_bert_hidden_states(folder, token_ids):
@@ -387,14 +570,15 @@ def test_transformers_text_encoder_pooling_matches_reference(tiny_bert_dir, pool
         assert torch.allclose(encoder(token_ids), expected, atol=1e-5)
 
 
-def test_transformers_text_encoder_linear_projection(tiny_bert_dir):
-    encoder = TransformersTextEncoder(str(tiny_bert_dir), 16, pooler_type='mean').eval()
+@pytest.mark.parametrize('proj_type, output_dim', [('linear', 16), ('mlp', 16), ('none', 32)])
+def test_transformers_text_encoder_projection_matches_reference(tiny_bert_dir, proj_type, output_dim):
+    encoder = TransformersTextEncoder(str(tiny_bert_dir), output_dim, pooler_type='mean', proj_type=proj_type).eval()
     token_ids = encoder.get_tokenizer()(SENTENCES)
-    rows = _masked_rows(_reference_bert_hidden_states(tiny_bert_dir, token_ids), token_ids != 0)
-    expected = torch.stack([sample.mean(dim=0) for sample in rows]) @ encoder.proj.weight.T
+    pooled = _reference_text_features(tiny_bert_dir, SENTENCES, 'mean')
+    expected = _project_by_hand(pooled, encoder.proj, proj_type)
 
     with torch.no_grad():
-        assert torch.allclose(encoder(token_ids), expected, atol=1e-5)
+        torch.testing.assert_close(encoder(token_ids), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_transformers_text_encoder_random_init_differs(tiny_bert_dir):
@@ -416,6 +600,7 @@ def test_transformers_text_encoder_has_no_unused_pooler(tiny_bert_dir):
     ({'pooler_type': 'first'}, r"pooler_type='first'.*\['cls', 'last', 'max', 'mean'\]"),
     ({'proj_type': 'conv'}, r"proj_type='conv'.*\['linear', 'mlp', 'none'\]"),
     ({'proj_type': 'none'}, 'hidden size is 32 and output_dim is 16'),
+    ({'pooler_type': 'attention'}, r"pooler_type='attention'.*\['cls', 'last', 'max', 'mean'\]"),
 ])
 def test_transformers_text_encoder_rejects_invalid_arguments(tiny_bert_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -483,6 +668,99 @@ def test_minilm_pretrained_embeds_sentences_sensibly(minilm_dir):
     assert torch.allclose(features[0], features[1])
     assert paraphrase > 0.6
     assert paraphrase > unrelated + 0.3
+
+
+def test_minilm_mean_pooling_matches_sentence_transformers_recipe(minilm_dir):
+    encoder = TransformersTextEncoder(str(minilm_dir), 384, pooler_type='mean', proj_type='none').eval()
+    texts = SENTENCES + ['A man is playing a guitar.']
+
+    # sentence-transformers' all-MiniLM-L6-v2 recipe: the tokenizer's own (dynamic) padding, then
+    # the mean of the last hidden state over the attention mask.
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors='pt')
+    with torch.no_grad():
+        hidden_states = model(**batch).last_hidden_state
+        mask = batch['attention_mask'].unsqueeze(-1).float()
+        expected = (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        features = encoder(encoder.get_tokenizer()(texts))
+
+    assert features.shape == (4, 384)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+
+
+# TransformersTextEncoder with RoBERTa (pad id 1) and decoder-only models (no pad token).
+
+
+def test_transformers_text_encoder_roberta_pad_id(tiny_roberta_dir):
+    encoder = TransformersTextEncoder(str(tiny_roberta_dir), 32, pooler_type='mean', context_length=16)
+    token_ids = encoder.get_tokenizer()(SENTENCES)
+    length = len(AutoTokenizer.from_pretrained(tiny_roberta_dir)('hello')['input_ids'])
+
+    assert encoder.pad_id == 1
+    assert token_ids[1, :length].ne(1).all()
+    assert token_ids[1, length:].eq(1).all()
+
+
+@pytest.mark.parametrize('pooler_type', ['cls', 'mean', 'max', 'last'])
+def test_transformers_text_encoder_roberta_pooling_matches_reference(tiny_roberta_dir, pooler_type):
+    encoder = TransformersTextEncoder(
+        str(tiny_roberta_dir), 32, pooler_type=pooler_type, proj_type='none', context_length=16).eval()
+    token_ids = encoder.get_tokenizer()(SENTENCES)
+    assert token_ids.eq(1).any(), 'the batch must contain padding'
+    expected = _reference_text_features(tiny_roberta_dir, SENTENCES, pooler_type)
+
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(token_ids), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('folder_fixture', ['tiny_gpt2_dir', 'tiny_llama_dir'])
+def test_decoder_text_encoder_pads_with_eos(request, folder_fixture):
+    folder = request.getfixturevalue(folder_fixture)
+    encoder = TransformersTextEncoder(str(folder), 32, pooler_type='mean', context_length=16)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = tokenizer('hello')['input_ids']
+    token_ids = encoder.get_tokenizer()(SENTENCES)
+
+    assert tokenizer.pad_token_id is None
+    assert encoder.pad_id == tokenizer.eos_token_id
+    assert token_ids.shape == (3, 16)
+    assert token_ids[1, :len(reference)].tolist() == reference
+    assert token_ids[1, len(reference):].eq(tokenizer.eos_token_id).all()
+
+
+@pytest.mark.parametrize('folder_fixture', ['tiny_gpt2_dir', 'tiny_llama_dir'])
+@pytest.mark.parametrize('pooler_type', ['mean', 'max', 'last'])
+def test_transformers_text_encoder_decoder_pooling_matches_reference(request, folder_fixture, pooler_type):
+    folder = request.getfixturevalue(folder_fixture)
+    encoder = TransformersTextEncoder(str(folder), 32, pooler_type=pooler_type, proj_type='none', context_length=16)
+    token_ids = encoder.get_tokenizer()(SENTENCES)
+    expected = _reference_text_features(folder, SENTENCES, pooler_type)
+
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(token_ids), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('folder_fixture', ['tiny_gpt2_dir', 'tiny_llama_dir'])
+def test_transformers_text_encoder_decoder_rejects_cls_pooler(request, folder_fixture):
+    folder = request.getfixturevalue(folder_fixture)
+
+    with pytest.raises(ValueError, match=r"pooler_type='cls' is invalid for the decoder-only model.*'mean'"):
+        TransformersTextEncoder(str(folder), 32, pooler_type='cls')
+
+
+def test_transformers_text_encoder_gpt2_lock_and_checkpointing(tiny_gpt2_dir):
+    encoder = TransformersTextEncoder(str(tiny_gpt2_dir), 16, pooler_type='mean', context_length=16)
+    encoder.lock(unlocked_layers=1)
+    encoder.set_grad_checkpointing()
+    encoder.train()
+    encoder(encoder.get_tokenizer()(SENTENCES)).square().sum().backward()
+
+    assert encoder.get_num_layers() == 2
+    for name, parameter in encoder.named_parameters():
+        unlocked = name.startswith(('transformer.h.1.', 'transformer.ln_f.', 'proj.'))
+        assert parameter.requires_grad == unlocked, name
+        assert (parameter.grad is not None) == unlocked, name
 
 
 # HFTextEncoder.
@@ -575,20 +853,143 @@ def test_transformers_vision_encoder_output_shapes(tiny_vit_dir):
     features, tokens = encoder(torch.randn(2, 3, 32, 32))
 
     assert features.shape == (2, 16)
-    # 16 patches and the [CLS] token
-    assert tokens.shape == (2, 17, 32)
+    # 16 patches, without the [CLS] token
+    assert tokens.shape == (2, 16, 32)
     assert encoder.get_num_layers() == 2
     assert encoder.preprocess_cfg['size'] == 32
 
 
-def test_transformers_vision_encoder_mean_pooling_matches_reference(tiny_vit_dir):
-    encoder = TransformersVisionEncoder(str(tiny_vit_dir), 32, image_size=32, pooler_type='mean', proj_type='none')
-    reference = ViTModel.from_pretrained(tiny_vit_dir, add_pooling_layer=False).eval()
+def _reference_vision_outputs(folder, images):
+    """Last hidden state and pooled output of a separately loaded transformers vision model."""
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        outputs = model(pixel_values=images)
+    return outputs.last_hidden_state, getattr(outputs, 'pooler_output', None)
+
+
+# For each model: the fixture, its width, and the hand computation of each pooler from the raw
+# model's (last hidden state, pooled output). Sequence outputs are (batch, prefix + patches, width).
+VISION_REFERENCES = {
+    # ViT: one class token.
+    'vit': ('tiny_vit_dir', 32, {
+        'cls': lambda hidden, pooled: hidden[:, 0],
+        'mean': lambda hidden, pooled: hidden[:, 1:].mean(dim=1),
+        'max': lambda hidden, pooled: hidden[:, 1:].amax(dim=1),
+    }),
+    # DINOv2 with registers: the class token and 2 register tokens come before the patches.
+    'dinov2_registers': ('tiny_dinov2_registers_dir', 32, {
+        'cls': lambda hidden, pooled: hidden[:, 0],
+        'mean': lambda hidden, pooled: hidden[:, 3:].mean(dim=1),
+        'max': lambda hidden, pooled: hidden[:, 3:].amax(dim=1),
+    }),
+    # ConvNeXt: a feature map (batch, 16, 4, 4) and a pooled output, the layer norm of its mean.
+    'convnext': ('tiny_convnext_dir', 16, {
+        'cls': lambda hidden, pooled: pooled,
+        'mean': lambda hidden, pooled: hidden.mean(dim=(2, 3)),
+        'max': lambda hidden, pooled: hidden.amax(dim=(2, 3)),
+    }),
+}
+
+
+@pytest.mark.parametrize('pooler_type', ['cls', 'mean', 'max'])
+@pytest.mark.parametrize('model_key', sorted(VISION_REFERENCES))
+def test_transformers_vision_encoder_pooling_matches_reference(request, model_key, pooler_type):
+    fixture_name, width, reductions = VISION_REFERENCES[model_key]
+    folder = request.getfixturevalue(fixture_name)
+    encoder = TransformersVisionEncoder(
+        str(folder), width, image_size=32, pooler_type=pooler_type, proj_type='none').eval()
     images = torch.randn(2, 3, 32, 32)
+    hidden_states, pooled = _reference_vision_outputs(folder, images)
+    expected = reductions[pooler_type](hidden_states, pooled)
 
     with torch.no_grad():
-        expected = reference(pixel_values=images).last_hidden_state.mean(dim=1)
-        assert torch.allclose(encoder.eval()(images), expected, atol=1e-5)
+        torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('model_key, prefix_tokens', [('vit', 1), ('dinov2_registers', 3), ('convnext', 0)])
+def test_transformers_vision_encoder_tokens_are_spatial(request, model_key, prefix_tokens):
+    fixture_name, width, _ = VISION_REFERENCES[model_key]
+    folder = request.getfixturevalue(fixture_name)
+    encoder = TransformersVisionEncoder(str(folder), 16, image_size=32, pooler_type='mean', output_tokens=True)
+    images = torch.randn(2, 3, 32, 32)
+    hidden_states, _ = _reference_vision_outputs(folder, images)
+    if hidden_states.ndim == 4:
+        expected = hidden_states.flatten(2).transpose(1, 2)
+    else:
+        expected = hidden_states[:, prefix_tokens:]
+
+    with torch.no_grad():
+        _, tokens = encoder.eval()(images)
+    assert encoder.num_prefix_tokens == prefix_tokens
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('proj_type, output_dim', [('linear', 16), ('mlp', 16), ('none', 32)])
+def test_transformers_vision_encoder_projection_matches_reference(tiny_vit_dir, proj_type, output_dim):
+    encoder = TransformersVisionEncoder(
+        str(tiny_vit_dir), output_dim, image_size=32, pooler_type='cls', proj_type=proj_type).eval()
+    images = torch.randn(2, 3, 32, 32)
+    hidden_states, _ = _reference_vision_outputs(tiny_vit_dir, images)
+    expected = _project_by_hand(hidden_states[:, 0], encoder.proj, proj_type)
+
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_transformers_vision_encoder_removes_unused_pooler(tiny_vit_dir):
+    encoder = TransformersVisionEncoder(str(tiny_vit_dir), 16, image_size=32)
+
+    assert encoder.transformer.pooler is None
+    assert not any(name.startswith('transformer.pooler') for name, _ in encoder.named_parameters())
+
+
+def test_transformers_vision_encoder_cls_without_pooled_output_raises(tmp_path):
+    config = SegformerConfig(
+        num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], num_attention_heads=[1],
+        patch_sizes=[7], strides=[4], mlp_ratios=[2], image_size=32)
+    SegformerModel(config).save_pretrained(tmp_path)
+
+    with pytest.raises(ValueError, match=r"no class token and returns no pooled output.*'mean'"):
+        TransformersVisionEncoder(str(tmp_path), 8, image_size=32, pooler_type='cls')
+
+
+@pytest.mark.parametrize('model_key, pooler_type, unused', [
+    ('convnext', 'mean', ['layernorm.weight', 'layernorm.bias']),
+    ('convnext', 'cls', []),
+    ('dinov2_registers', 'cls', ['embeddings.mask_token']),
+    ('vit', 'mean', []),
+])
+def test_transformers_vision_encoder_freezes_unused_parameters(request, model_key, pooler_type, unused):
+    fixture_name, _, _ = VISION_REFERENCES[model_key]
+    encoder = TransformersVisionEncoder(
+        str(request.getfixturevalue(fixture_name)), 16, image_size=32, pooler_type=pooler_type)
+    encoder.lock(unlocked_groups=1)
+    encoder.train()
+    encoder(torch.randn(2, 3, 32, 32)).square().sum().backward()
+
+    assert encoder.unused_parameter_names == unused
+    for name in unused:
+        assert not encoder.transformer.get_parameter(name).requires_grad, name
+    for name, parameter in encoder.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'pooler_type': 'last'}, r"pooler_type='last' is invalid for a vision encoder.*\['cls', 'mean', 'max'\]"),
+    ({'pooler_type': 'attention'}, r"pooler_type='attention' is invalid"),
+    ({'proj_type': 'conv'}, r"proj_type='conv'.*\['linear', 'mlp', 'none'\]"),
+    ({'proj_type': 'none'}, 'hidden size is 32 and output_dim is 16'),
+])
+def test_transformers_vision_encoder_rejects_invalid_arguments(tiny_vit_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformersVisionEncoder(str(tiny_vit_dir), 16, image_size=32, **kwargs)
+
+
+def test_transformers_vision_encoder_convnext_any_image_size(tiny_convnext_dir):
+    encoder = TransformersVisionEncoder(str(tiny_convnext_dir), 16, image_size=48, proj_type='none')
+
+    assert not encoder.interpolate_pos_encoding
+    assert encoder(torch.randn(2, 3, 48, 48)).shape == (2, 16)
 
 
 def test_transformers_vision_encoder_other_image_size(tiny_vit_dir):
