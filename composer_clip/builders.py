@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +28,10 @@ from composer.core import DataSpec, Evaluator
 from composer.loggers import FileLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist, reproducibility
+from composer.utils.parallelism import FSDP2Config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from composer_clip.base_model import (
     BaseTextEncoder,
@@ -36,9 +39,10 @@ from composer_clip.base_model import (
     TransformersTextEncoder,
     TransformersVisionEncoder,
 )
-from composer_clip.callbacks import ClampLogitScale
+from composer_clip.callbacks import ClampLogitScale, MemoryMonitor
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.data import build_image_text_dataloader, build_image_transform
+from composer_clip.fsdp2_utils import fix_gloo_gradient_average, reshape_scalar_parameters
 from composer_clip.hf_model import HFTextEncoder
 from composer_clip.mobilenet_model import MobileNetV2Encoder
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiEncoderCLIPBase, MultiTextCLIP, MultiVisionCLIP
@@ -69,8 +73,11 @@ TOP_LEVEL_KEYS = {
     'global_train_batch_size', 'device_eval_batch_size', 'max_duration', 'eval_interval',
     'optimizer', 'scheduler', 'precision', 'save_folder', 'save_interval', 'save_num_checkpoints_to_keep',
     'save_overwrite', 'load_path', 'autoresume', 'progress_bar', 'log_to_console', 'console_log_interval',
-    'metrics_file', 'dist_timeout',
+    'metrics_file', 'dist_timeout', 'parallelism_config', 'memory_log_interval',
 }
+
+# FSDP2Config fields that a YAML file can set (device_mesh is an object, not a YAML value).
+FSDP2_KEYS = FSDP2Config.settable_attrs() - {'device_mesh'}
 
 
 def package_path(package: str, *parts: str) -> str:
@@ -211,7 +218,24 @@ def build_dataloader(
         tokenizers=tokenizers,
         **loader_kwargs,
     )
+    check_batches_per_rank(dataloader.dataset.size, batch_size, loader_kwargs['drop_last'], loader_config)
     return clip_data_spec(dataloader)
+
+
+def check_batches_per_rank(num_samples: int, batch_size: int, drop_last: bool, loader_config: DictConfig) -> None:
+    """Raise when dropping the last incomplete batch would leave a rank with no batch at all.
+
+    Composer would otherwise run empty epochs until max_duration counts batches that never come.
+    """
+    world_size = dist.get_world_size()
+    samples_per_rank = math.ceil(num_samples / world_size)
+    if drop_last and samples_per_rank < batch_size:
+        where = loader_config.get('remote') or loader_config.get('local')
+        raise ValueError(
+            f'{where} has {num_samples} samples, {samples_per_rank} per rank over {world_size} ranks, fewer than the '
+            f'per-rank batch size {batch_size}, so no full batch can be drawn; lower global_train_batch_size '
+            f'to at most {samples_per_rank * world_size} or add data'
+        )
 
 
 def build_optimizer(config: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -271,6 +295,48 @@ def set_cpu_threads() -> None:
     log.info('Using %d CPU threads per process (%d cores, %d local ranks)', threads, cores, dist.get_local_world_size())
 
 
+def build_fsdp2_config(config: DictConfig) -> FSDP2Config | None:
+    """Build Composer's FSDP2 config from `parallelism_config.fsdp`, or return None for DDP.
+
+    Composer 0.32.1 reads a plain dict under `fsdp` as FSDP version 1 unless
+    FSDP_VERSION=2 is set, ignores an `fsdp2` key, and drops unknown keys with only a
+    warning. Building the FSDP2Config object here avoids all three.
+    """
+    section = config.get('parallelism_config')
+    if section is None:
+        return None
+    section = OmegaConf.to_container(section)
+    unknown = sorted(set(section) - {'fsdp'})
+    if unknown:
+        raise ValueError(
+            f'unknown keys {unknown} in parallelism_config; put the FSDP2 settings under parallelism_config.fsdp'
+        )
+    fsdp = section.get('fsdp')
+    if fsdp is None:
+        return None
+
+    unknown = sorted(set(fsdp) - FSDP2_KEYS)
+    if unknown:
+        raise ValueError(f'unknown keys {unknown} in parallelism_config.fsdp; valid keys: {sorted(FSDP2_KEYS)}')
+    if 'state_dict_type' not in fsdp:
+        raise ValueError(
+            "parallelism_config.fsdp.state_dict_type is missing; set 'sharded' (one file per rank, "
+            "resumable at another world size) or 'full' (one file gathered on rank 0)"
+        )
+    return FSDP2Config(**fsdp)
+
+
+def check_fsdp2_applied(model: nn.Module) -> int:
+    """Raise unless some parameters of the trainer's model are sharded DTensors; return their count."""
+    sharded = sum(isinstance(parameter, DTensor) for parameter in model.parameters())
+    if sharded == 0:
+        raise RuntimeError(
+            'parallelism_config.fsdp asked for FSDP2, but no parameter of the model is sharded '
+            '(Composer fell back to DDP or a single device); check the parallelism_config section'
+        )
+    return sharded
+
+
 def build_trainer(config: DictConfig) -> Trainer:
     """Build the whole training run from a resolved config."""
     device = config.get('device') or ('gpu' if torch.cuda.is_available() else 'cpu')
@@ -279,9 +345,14 @@ def build_trainer(config: DictConfig) -> Trainer:
     dist.initialize_dist(device, timeout=config.get('dist_timeout', 300.0))
     reproducibility.seed_all(config.seed)
 
+    fsdp2_config = build_fsdp2_config(config)
     model = build_model(config)
     loss_fn = build_loss(config, model)
     composer_model = ComposerCLIP(model, loss_fn)
+    if fsdp2_config is not None:
+        # fully_shard rejects 0-dim parameters such as logit_scale. This must happen before
+        # the optimizer is built, because it replaces the parameter objects.
+        reshape_scalar_parameters(composer_model)
     log.info(
         'Built %s with %d vision and %d text towers and %d trainable parameters',
         type(model).__name__,
@@ -307,7 +378,7 @@ def build_trainer(config: DictConfig) -> Trainer:
     if config.get('metrics_file'):
         loggers.append(FileLogger(filename=config.metrics_file, flush_interval=1))
 
-    return Trainer(
+    trainer = Trainer(
         run_name=config.get('run_name'),
         model=composer_model,
         train_dataloader=train_loader,
@@ -322,7 +393,12 @@ def build_trainer(config: DictConfig) -> Trainer:
         precision=config.get('precision', 'fp32'),
         device=device,
         seed=config.seed,
-        callbacks=[ClampLogitScale(), LRMonitor(), SpeedMonitor(window_size=10)],
+        callbacks=[
+            ClampLogitScale(),
+            LRMonitor(),
+            SpeedMonitor(window_size=10),
+            MemoryMonitor(interval=config.get('memory_log_interval', 50)),
+        ],
         loggers=loggers,
         progress_bar=config.get('progress_bar', True),
         log_to_console=config.get('log_to_console', False),
@@ -333,4 +409,14 @@ def build_trainer(config: DictConfig) -> Trainer:
         save_overwrite=config.get('save_overwrite', False),
         load_path=config.get('load_path'),
         autoresume=config.get('autoresume', False),
+        parallelism_config=None if fsdp2_config is None else {'fsdp': fsdp2_config},
     )
+
+    if fsdp2_config is not None:
+        sharded = check_fsdp2_applied(trainer.state.model)
+        fixed_units = fix_gloo_gradient_average(trainer.state.model)
+        log.info(
+            'FSDP2 applied: %d sharded parameters, %d units with the gloo gradient average fix',
+            sharded, fixed_units,
+        )
+    return trainer

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from composer.core import Callback, State
 from composer.loggers import Logger
+from composer.utils import dist
 
+from composer_clip.fsdp2_utils import log_fsdp2_memory_stats
 from composer_clip.multi_encoder_model import MAX_LOGIT_SCALE
 
 
@@ -20,3 +22,30 @@ class ClampLogitScale(Callback):
         for name, parameter in state.model.named_parameters():
             if name.rsplit('.', 1)[-1] == 'logit_scale':
                 parameter.data.clamp_(0, MAX_LOGIT_SCALE)
+
+
+class MemoryMonitor(Callback):
+    """Log device memory (process memory on the CPU) every `interval` batches.
+
+    Calls `fsdp2_utils.log_fsdp2_memory_stats` on every rank, so each rank's numbers go
+    to Composer's loggers as `memory/rank<r>/<stat>_gib` and to the Python log of rank 0.
+
+    Args:
+        interval: number of batches between two measurements.
+    """
+
+    def __init__(self, interval: int = 100):
+        if interval < 1:
+            raise ValueError(f'interval={interval} must be at least 1 batch')
+        self.interval = interval
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.interval != 0:
+            return
+        rank = dist.get_global_rank()
+        stats = log_fsdp2_memory_stats(rank=0)
+        logger.log_metrics({
+            f'memory/rank{rank}/{name[:-len("_bytes")]}_gib': value / 2**30
+            for name, value in stats.items()
+            if value is not None
+        })

@@ -15,6 +15,7 @@ from composer.models import ComposerModel
 from torch import nn
 from torchmetrics import Metric
 
+from composer_clip.fsdp2_utils import build_block_predicate
 from composer_clip.metrics import InBatchAccuracy, RetrievalRecall
 from composer_clip.multi_encoder_model import (
     MultiEncoderCLIP,
@@ -22,7 +23,7 @@ from composer_clip.multi_encoder_model import (
     MultiVisionCLIP,
     features_by_side,
 )
-from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
+from composer_clip.one_to_many_loss import FeatureAggregator, MultiEncoderClipLoss, OneToManyClipLoss
 
 RECALL_KS = (1, 5, 10)
 RECALL_DIRECTIONS = {'i2t': 'image_to_text', 't2i': 'text_to_image'}
@@ -55,6 +56,17 @@ class ComposerCLIP(ComposerModel):
         self.model = model
         self.loss_fn = loss_fn
         self.log_tower_losses = log_tower_losses
+
+        # Composer's FSDP2 path shards each direct child of this wrapper and reads
+        # `fsdp_wrap_fn` and `activation_checkpointing_fn` only from that child, so the model
+        # carries the predicate too. The predicate stores the block modules themselves, so it
+        # stays valid after sharding.
+        self.block_predicate = build_block_predicate(model)
+        model.fsdp_wrap_fn = self.block_predicate
+        model.activation_checkpointing_fn = self.block_predicate
+        # Evaluation calls the loss's aggregators outside the loss's forward. As FSDP2 units
+        # of their own they gather their weights whenever they are called.
+        loss_fn.fsdp_wrap_fn = is_feature_aggregator
 
         self.view_names = [f'vision_{i}' for i in range(model.num_vision_encoders) if model.num_vision_encoders > 1]
         self.view_names += [f'text_{j}' for j in range(model.num_text_encoders) if model.num_text_encoders > 1]
@@ -101,6 +113,14 @@ class ComposerCLIP(ComposerModel):
         views['aggregate'] = (vision_aggregate, text_aggregate)
         return views
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """Return True for the modules that FSDP2 shards as units: the towers' repeated blocks."""
+        return self.block_predicate(module)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Return True for the modules whose activations are checkpointed: the same blocks."""
+        return self.block_predicate(module)
+
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
 
@@ -123,6 +143,11 @@ class ComposerCLIP(ComposerModel):
         if view not in self.view_names:
             raise ValueError(f'metric {metric!r} was not created by this model; it names no view of it')
         return view
+
+
+def is_feature_aggregator(module: nn.Module) -> bool:
+    """Return True for the aggregators inside a loss."""
+    return isinstance(module, FeatureAggregator)
 
 
 def check_model_and_loss(model: MultiEncoderCLIPBase, loss_fn: nn.Module) -> None:

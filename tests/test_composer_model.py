@@ -6,7 +6,7 @@ from composer import Callback, Trainer
 from composer.core import Evaluator
 from torch import nn
 
-from composer_clip.callbacks import ClampLogitScale
+from composer_clip.callbacks import ClampLogitScale, MemoryMonitor
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiTextCLIP, MultiVisionCLIP
 from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
@@ -226,3 +226,27 @@ def test_composer_clip_rejects_wrong_loss_direction():
 
     with pytest.raises(ValueError, match=r'text_to_multi_vision=True; build OneToManyClipLoss\(text_to_multi_vision=False\)'):
         ComposerCLIP(model, OneToManyClipLoss(num_multi_encoders=2))
+
+
+def test_memory_monitor_logs_every_interval():
+    from composer.loggers import InMemoryLogger
+
+    composer_model = build_composer_model(aggregation='mean', learnable_weights=False)
+    in_memory = InMemoryLogger()
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=clip_data_spec([fixed_batch()] * 4),
+        max_duration='4ba',
+        device_train_microbatch_size=BATCH,
+        optimizers=torch.optim.SGD(composer_model.parameters(), lr=0.1),
+        callbacks=[MemoryMonitor(interval=2)],
+        loggers=[in_memory],
+        device='cpu',
+        progress_bar=False,
+    )
+    trainer.fit()
+
+    logged = in_memory.data['memory/rank0/rss_gib']
+    assert [int(timestamp.batch) for timestamp, _ in logged] == [2, 4]
+    for _, value in logged:
+        assert 0.01 < value < 64

@@ -66,7 +66,8 @@ def test_mvclip_recipe_trains_with_tiny_towers(tiny_demo_shards, tmp_path):
     assert int(trainer.state.timestamp.batch) == 3
     recall = trainer.state.eval_metric_values['i2t_recall@10/aggregate'].item()
     assert 0.0 <= recall <= 1.0
-    assert (tmp_path / 'checkpoints' / 'ep0-ba3-rank0.pt').is_file()
+    # The recipe saves sharded FSDP2 checkpoints: one folder per checkpoint.
+    assert (tmp_path / 'checkpoints' / 'ep0-ba3').is_dir()
 
 
 @pytest.mark.parametrize('recipe', ['mtclip.yaml', 'mnclip.yaml'])
@@ -112,6 +113,15 @@ def test_multi_text_recipes_train_with_tiny_towers(recipe, tiny_demo_shards, tin
     assert 'i2t_recall@1/text_1' in trainer.state.eval_metric_values
     if recipe == 'mnclip.yaml':
         assert 'i2t_recall@1/vision_1' in trainer.state.eval_metric_values
+
+
+def test_train_rejects_batch_larger_than_data(tiny_demo_shards):
+    overrides = [f'variables.data_root={tiny_demo_shards}', 'global_train_batch_size=64', 'progress_bar=false',
+                 'parallelism_config=null']
+    config = load_config(str(REPO_ROOT / 'yamls' / 'quickstart.yaml'), overrides)
+
+    with pytest.raises(ValueError, match='has 48 samples, 48 per rank over 1 ranks, fewer than the per-rank batch size 64'):
+        build_trainer(config)
 
 
 def test_load_config_rejects_unknown_top_level_key():
