@@ -318,7 +318,7 @@ def build_fsdp2_config(config: DictConfig) -> FSDP2Config | None:
     unknown = sorted(set(fsdp) - FSDP2_KEYS)
     if unknown:
         raise ValueError(f'unknown keys {unknown} in parallelism_config.fsdp; valid keys: {sorted(FSDP2_KEYS)}')
-    if 'state_dict_type' not in fsdp:
+    if fsdp.get('state_dict_type') is None:
         raise ValueError(
             "parallelism_config.fsdp.state_dict_type is missing; set 'sharded' (one file per rank, "
             "resumable at another world size) or 'full' (one file gathered on rank 0)"

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+import torch
+from composer.utils.parallelism import FSDP2Config
 
-from composer_clip.builders import build_trainer, load_config
+from composer_clip.builders import build_fsdp2_config, build_trainer, check_fsdp2_applied, load_config
 from composer_clip.data import write_image_text_mds
 from composer_clip.data.demo import list_stamps, split_stamps
 
@@ -160,3 +161,29 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def test_fsdp2_config_rejects_keys_composer_would_ignore():
+    recipe = str(REPO_ROOT / 'yamls' / 'quickstart.yaml')
+
+    with pytest.raises(ValueError, match=r"unknown keys \['fsdp2'\] in parallelism_config"):
+        build_fsdp2_config(load_config(recipe, ['parallelism_config={fsdp2: {state_dict_type: sharded}}']))
+    with pytest.raises(ValueError, match=r"unknown keys \['reshard'\] in parallelism_config.fsdp"):
+        build_fsdp2_config(load_config(recipe, ['parallelism_config.fsdp.reshard=true']))
+    with pytest.raises(ValueError, match='parallelism_config.fsdp.state_dict_type is missing'):
+        build_fsdp2_config(load_config(recipe, ['parallelism_config.fsdp.state_dict_type=null']))
+
+
+def test_fsdp2_config_builds_composer_object():
+    config = load_config(str(REPO_ROOT / 'yamls' / 'mvclip.yaml'))
+
+    fsdp2_config = build_fsdp2_config(config)
+
+    assert isinstance(fsdp2_config, FSDP2Config)
+    assert fsdp2_config.state_dict_type == 'sharded'
+    assert fsdp2_config.activation_checkpointing is True
+
+
+def test_check_fsdp2_applied_rejects_unsharded_model():
+    with pytest.raises(RuntimeError, match='no parameter of the model is sharded'):
+        check_fsdp2_applied(torch.nn.Linear(2, 2))
