@@ -520,19 +520,42 @@ def load_transformers_model(
     `add_pooling_layer=True`. Encoder-decoder models return only their encoder.
     """
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as transformers_logging
 
     if config is None:
         config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
     kwargs = {} if add_pooling_layer else _model_kwargs_without_pooler(config)
 
     if pretrained:
-        model = AutoModel.from_pretrained(model_name, trust_remote_code=trust_remote_code, **kwargs)
+        # transformers warns about every checkpoint weight the model leaves unused, which
+        # includes the pooling layer dropped on purpose above. Report the rest here instead.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            model, loading_info = AutoModel.from_pretrained(
+                model_name, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        _log_loading_info(model_name, loading_info, pooler_dropped=bool(kwargs))
     else:
         model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
 
     if getattr(config, 'is_encoder_decoder', False):
         model = model.get_encoder()
     return model
+
+
+def _log_loading_info(model_name: str, loading_info: Dict[str, Any], pooler_dropped: bool) -> None:
+    unused = [key for key in loading_info.get('unexpected_keys', []) if not (pooler_dropped and 'pooler.' in key)]
+    missing = loading_info.get('missing_keys', [])
+    if pooler_dropped and len(unused) < len(loading_info.get('unexpected_keys', [])):
+        logger.info('Left out the pooling layer of %s: CLIP-style pooling does not use it', model_name)
+    if unused:
+        logger.warning('%d weights of %s are not used by the model: %s', len(unused), model_name, unused[:10])
+    if missing:
+        logger.warning('%d weights of the model are not in %s and stay random: %s', len(missing), model_name,
+                       missing[:10])
 
 
 def resolve_context_length(
