@@ -19,9 +19,14 @@ def main(argv: list[str]) -> dict[str, float]:
         sys.exit(__doc__)
     config = load_config(argv[0], argv[1:])
     trainer = build_trainer(config)
+    # Autoresume and load_path restore the timestamp while the Trainer is built.
+    first_batch = int(trainer.state.timestamp.batch) + 1
     trainer.fit()
+    last_batch = int(trainer.state.timestamp.batch)
 
     eval_metrics = {name: float(value) for name, value in trainer.state.eval_metric_values.items()}
+    if dist.get_global_rank() == 0:
+        print(f'Trained batches {first_batch} to {last_batch}')
     if dist.get_global_rank() == 0 and eval_metrics:
         print('Held-out metrics after training:')
         for name, value in sorted(eval_metrics.items()):

@@ -65,3 +65,26 @@ def write_tiny_roberta(folder: Path) -> Path:
 def tiny_roberta_dir(tmp_path_factory) -> Path:
     """A local folder holding a tiny RoBERTa model and its byte-level BPE tokenizer."""
     return write_tiny_roberta(tmp_path_factory.mktemp('tiny_roberta'))
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """Start an S3-protocol server (moto) on 127.0.0.1 and point boto3, Composer and Streaming at it.
+
+    Returns the endpoint URL. The server and its buckets live for one test.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f'http://{host}:{port}'
+    monkeypatch.setenv('S3_ENDPOINT_URL', endpoint)
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'testing')
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'testing')
+    monkeypatch.setenv('AWS_DEFAULT_REGION', 'us-east-1')
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    try:
+        yield endpoint
+    finally:
+        server.stop()

@@ -519,24 +519,11 @@ def test_dataloader_resumes_mid_epoch(mixed_shards, mixed_samples):
 # Object store.
 
 @pytest.fixture()
-def s3_bucket(monkeypatch):
-    """Return the name of a bucket on an S3 server (moto) listening on 127.0.0.1."""
+def s3_bucket(s3_server):
+    """Return the name of a bucket on the S3 server of the `s3_server` fixture."""
     boto3 = pytest.importorskip('boto3')
-    server_module = pytest.importorskip('moto.server')
-
-    server = server_module.ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv('S3_ENDPOINT_URL', f'http://{host}:{port}')
-    monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'testing')
-    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'testing')
-    monkeypatch.setenv('AWS_DEFAULT_REGION', 'us-east-1')
-    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
-    boto3.client('s3', endpoint_url=f'http://{host}:{port}').create_bucket(Bucket='clip-data')
-    try:
-        yield 'clip-data'
-    finally:
-        server.stop()
+    boto3.client('s3', endpoint_url=s3_server).create_bucket(Bucket='clip-data')
+    return 'clip-data'
 
 
 def test_write_and_stream_from_s3(tmp_path, s3_bucket, mixed_samples):
