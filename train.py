@@ -26,7 +26,7 @@ def main(argv: list[str]) -> dict[str, float]:
 
     eval_metrics = {name: float(value) for name, value in trainer.state.eval_metric_values.items()}
     if dist.get_global_rank() == 0:
-        print(f'Trained batches {first_batch} to {last_batch}')
+        print(f'Trained batches {first_batch} to {last_batch} on {dist.get_world_size()} ranks')
     if dist.get_global_rank() == 0 and eval_metrics:
         print('Held-out metrics after training:')
         for name, value in sorted(eval_metrics.items()):

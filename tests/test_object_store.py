@@ -82,5 +82,65 @@ def test_autoresume_continues_from_store(tmp_path, s3_server, s3_shards):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert checkpoints_in_store(s3_server, 'checkpoints/resume-test/') == ['ep0-ba1', 'ep0-ba2', 'ep0-ba3', 'ep0-ba4']
     # The rerun loaded the newest checkpoint of the store and trained only the last 2 batches.
-    assert 'Trained batches 3 to 4' in second.stdout
-    assert 'Trained batches 1 to 2' in first.stdout
+    assert 'Trained batches 3 to 4 on 2 ranks' in second.stdout
+    assert 'Trained batches 1 to 2 on 2 ranks' in first.stdout
+
+
+def private_shared_memory(command):
+    """Run `command` in its own mount namespace with an empty /dev/shm, as on a separate machine.
+
+    Streaming keeps per-node state in shared memory under /dev/shm, so two simulated nodes on one
+    machine would otherwise collide. This needs root and util-linux's unshare.
+    """
+    return ['unshare', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', 'node', *command]
+
+
+def can_isolate_shared_memory():
+    probe = subprocess.run(private_shared_memory(['true']), capture_output=True)
+    return probe.returncode == 0
+
+
+def test_two_launchers_train_as_one_four_rank_job(tmp_path, s3_server, s3_shards):
+    """Two Composer launchers on this machine act as two nodes of 2 processes each."""
+    if not can_isolate_shared_memory():
+        pytest.skip('needs root and unshare to give each simulated node its own /dev/shm')
+    port = free_port()
+    common = [
+        f'train_loader.remote={s3_shards}/train',
+        'train_loader.num_workers=0',
+        f'eval_loader.remote={s3_shards}/val',
+        'eval_loader.num_workers=0',
+        'global_train_batch_size=8',
+        'device_eval_batch_size=4',
+        'max_duration=2ba',
+        'eval_interval=2ba',
+        'scheduler.t_warmup=1ba',
+        'progress_bar=false',
+        'dist_timeout=120',
+    ]
+    launchers = []
+    for node_rank in range(2):
+        node = tmp_path / f'node{node_rank}'
+        node.mkdir()
+        command = [
+            sys.executable, '-m', 'composer.cli.launcher', '--world_size', '4', '--node_rank', str(node_rank),
+            '-n', '2', '--master_addr', '127.0.0.1', '--master_port', str(port),
+            str(REPO_ROOT / 'train.py'), str(REPO_ROOT / 'yamls' / 'quickstart.yaml'),
+            f'train_loader.local={node}/cache/train', f'eval_loader.local={node}/cache/val', *common,
+        ]
+        launchers.append(subprocess.Popen(private_shared_memory(command), cwd=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
+
+    outputs = []
+    try:
+        for launcher in launchers:
+            outputs.append(launcher.communicate(timeout=600)[0])
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+
+    for launcher, output in zip(launchers, outputs):
+        assert launcher.returncode == 0, output[-4000:]
+    # Global rank 0 lives on node 0 and reports for the whole job.
+    assert 'Trained batches 1 to 2 on 4 ranks' in outputs[0]
