@@ -407,6 +407,25 @@ def test_dataset_shares_equal_eval_transforms(mixed_shards):
     assert torch.equal(batch['images'][1][1], images[1])
 
 
+def test_dataset_augmentation_depends_only_on_sample(mixed_shards):
+    dataset = StreamingImageTextDataset(
+        local=str(mixed_shards),
+        image_transforms=[build_image_transform(TOWER_A_CFG, is_train=True)],
+        tokenizers=[ByteTokenizer(8)],
+    )
+
+    torch.manual_seed(0)
+    first = dataset[2]['images'][0]
+    other = dataset[3]['images'][0]
+    torch.manual_seed(123)
+    dataset[1]
+    again = dataset[2]['images'][0]
+
+    # The global generator's state and the order of reads do not change a sample's crop.
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
 def test_dataset_negative_index_and_slice(mixed_shards):
     dataset = StreamingImageTextDataset(
         local=str(mixed_shards),

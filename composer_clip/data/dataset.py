@@ -107,7 +107,11 @@ class StreamingImageTextDataset(StreamingDataset):
                 f'the caption column must contain str values'
             )
 
-        unique_images = [transform(image) for transform in self._unique_transforms]
+        # Random augmentations draw from a generator seeded by (shuffle seed, epoch, sample), so a
+        # sample gets the same crop whichever worker loads it and whether or not the run resumed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._augmentation_seed(sample_index))
+            unique_images = [transform(image) for transform in self._unique_transforms]
         unique_texts = [self._tokenize(tokenizer, caption, sample_index) for tokenizer in self._unique_tokenizers]
 
         return {
@@ -115,6 +119,10 @@ class StreamingImageTextDataset(StreamingDataset):
             'texts': [unique_texts[slot] for slot in self._tokenizer_slots],
             'sample_index': sample_index,
         }
+
+    def _augmentation_seed(self, sample_index: int) -> int:
+        epoch = max(int(self.next_epoch) - 1, 0)
+        return ((self.shuffle_seed * 1_000_003 + epoch) * 1_000_000_007 + sample_index) % 2**63
 
     def _decode(self, value: Any, sample_index: int) -> Image.Image:
         if isinstance(value, Image.Image):
