@@ -76,6 +76,9 @@ TOP_LEVEL_KEYS = {
     'metrics_file', 'dist_timeout', 'parallelism_config', 'memory_log_interval',
 }
 
+# Seconds between two checks that an uploaded checkpoint is complete in the object store.
+LATEST_POINTER_RETRY_SECONDS = 2.0
+
 # FSDP2Config fields that a YAML file can set (device_mesh is an object, not a YAML value).
 FSDP2_KEYS = FSDP2Config.settable_attrs() - {'device_mesh'}
 
@@ -97,10 +100,21 @@ if not OmegaConf.has_resolver('package_path'):
 
 
 def load_config(yaml_path: str, overrides: list[str] | None = None) -> DictConfig:
-    """Read a YAML recipe, merge `key=value` overrides over it and resolve interpolations."""
+    """Read a YAML recipe, apply `key=value` overrides and resolve interpolations.
+
+    A value is parsed as YAML. A mapping value (`model.text_encoder={name: ..., ...}`)
+    replaces the section instead of merging into it, so that a tower can be swapped for
+    one of another kind without keeping the old tower's arguments.
+    """
     config = OmegaConf.load(yaml_path)
-    if overrides:
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+    for override in overrides or []:
+        key, separator, _ = override.partition('=')
+        if not separator:
+            raise ValueError(f'override {override!r} has no "="; write overrides as key=value')
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+        for part in key.split('.'):
+            value = value[part]
+        OmegaConf.update(config, key, value, merge=False)
     OmegaConf.resolve(config)
 
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
@@ -406,11 +420,20 @@ def build_trainer(config: DictConfig) -> Trainer:
         save_folder=config.get('save_folder'),
         save_interval=config.get('save_interval', '1ep'),
         save_num_checkpoints_to_keep=config.get('save_num_checkpoints_to_keep', -1),
-        save_overwrite=config.get('save_overwrite', False),
+        # After a preemption the store can hold files of checkpoints newer than the `latest`
+        # pointer. A resumed run recomputes those batches and must write over them.
+        save_overwrite=config.get('save_overwrite', bool(config.get('autoresume', False))),
         load_path=config.get('load_path'),
         autoresume=config.get('autoresume', False),
         parallelism_config=None if fsdp2_config is None else {'fsdp': fsdp2_config},
     )
+
+    saver = trainer._checkpoint_saver
+    if saver is not None and saver.remote_uploader is not None:
+        # Composer 0.32.1 moves the `latest` pointer, which autoresume reads, only after it has
+        # seen every file of a checkpoint in the store, and checks again every 30 s (a private
+        # setting). A job preempted in that window resumed from an older checkpoint.
+        saver._symlink_upload_wait_before_next_try_in_seconds = LATEST_POINTER_RETRY_SECONDS
 
     if fsdp2_config is not None:
         sharded = check_fsdp2_applied(trainer.state.model)

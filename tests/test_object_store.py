@@ -4,15 +4,19 @@ The store is a real S3-protocol server (moto) on 127.0.0.1; train.py reaches it 
 S3_ENDPOINT_URL as it would reach AWS.
 """
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
 import pytest
+import torch
 
 from composer_clip.data import write_image_text_mds
 from composer_clip.data.demo import list_stamps, split_stamps
@@ -27,14 +31,24 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def write_s3_shards(endpoint, stamps_dir, num_train):
+    boto3.client('s3', endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    train, val = split_stamps(list_stamps(stamps_dir).stamps)
+    for name, stamps in (('train', train[:num_train]), ('val', val[:16])):
+        write_image_text_mds(((s.image_path.read_bytes(), s.caption) for s in stamps), f's3://{BUCKET}/demo/{name}')
+    return f's3://{BUCKET}/demo'
+
+
 @pytest.fixture()
 def s3_shards(s3_server, tuxpaint_stamps):
     """Write 32 train and 16 held-out stamps as MDS shards into the S3 store."""
-    boto3.client('s3', endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
-    train, val = split_stamps(list_stamps(tuxpaint_stamps).stamps)
-    for name, stamps in (('train', train[:32]), ('val', val[:16])):
-        write_image_text_mds(((s.image_path.read_bytes(), s.caption) for s in stamps), f's3://{BUCKET}/demo/{name}')
-    return f's3://{BUCKET}/demo'
+    return write_s3_shards(s3_server, tuxpaint_stamps, 32)
+
+
+@pytest.fixture()
+def s3_shards_96(s3_server, tuxpaint_stamps):
+    """Write 96 train stamps (12 batches of 8) and 16 held-out stamps into the S3 store."""
+    return write_s3_shards(s3_server, tuxpaint_stamps, 96)
 
 
 def checkpoints_in_store(endpoint, prefix):
@@ -117,6 +131,11 @@ def test_two_launchers_train_as_one_four_rank_job(tmp_path, s3_server, s3_shards
         'scheduler.t_warmup=1ba',
         'progress_bar=false',
         'dist_timeout=120',
+        # An empty store: every node must start from scratch without waiting or failing.
+        'run_name=two-nodes',
+        f'save_folder=s3://{BUCKET}/checkpoints/{{run_name}}',
+        'save_interval=2ba',
+        'autoresume=true',
     ]
     launchers = []
     for node_rank in range(2):
@@ -144,3 +163,106 @@ def test_two_launchers_train_as_one_four_rank_job(tmp_path, s3_server, s3_shards
         assert launcher.returncode == 0, output[-4000:]
     # Global rank 0 lives on node 0 and reports for the whole job.
     assert 'Trained batches 1 to 2 on 4 ranks' in outputs[0]
+    assert checkpoints_in_store(s3_server, 'checkpoints/two-nodes/') == ['ep0-ba2']
+
+
+def tiny_tower_overrides():
+    vision = json.dumps([
+        {'name': 'timm', 'model_name': 'vit_tiny_patch16_224', 'image_size': 32, 'pretrained': False},
+        {'name': 'timm', 'model_name': 'convnext_atto', 'image_size': 32, 'pretrained': False},
+    ])
+    text = json.dumps({'name': 'openclip_text', 'context_length': 16, 'width': 32, 'heads': 2, 'layers': 2})
+    return [f'model.vision_encoders={vision}', f'model.text_encoder={text}', 'model.embed_dim=32']
+
+
+def recorded_run(tmp_path, label, shards, run_name, max_duration='12ba'):
+    """Start a recorded 2-process FSDP2 run in its own process group; return it and its record folder."""
+    record_dir = tmp_path / label
+    command = [
+        sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
+        str(REPO_ROOT / 'tests' / 'scripts' / 'train_and_record.py'), str(record_dir),
+        str(REPO_ROOT / 'yamls' / 'quickstart.yaml'),
+        *tiny_tower_overrides(),
+        f'run_name={run_name}',
+        f'train_loader.remote={shards}/train',
+        f'train_loader.local={record_dir}/cache/train',
+        'train_loader.num_workers=0',
+        f'eval_loader.remote={shards}/val',
+        f'eval_loader.local={record_dir}/cache/val',
+        'eval_loader.num_workers=0',
+        'global_train_batch_size=8',
+        'device_eval_batch_size=8',
+        f'max_duration={max_duration}',
+        'eval_interval=1000ba',
+        'scheduler.t_warmup=1ba',
+        f'save_folder=s3://{BUCKET}/checkpoints/{{run_name}}',
+        'save_interval=1ba',
+        'autoresume=true',
+        'progress_bar=false',
+        'dist_timeout=60',
+    ]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    return process, record_dir
+
+
+def latest_checkpoint(endpoint, prefix):
+    """Return the checkpoint that the store's `latest` pointer names, the one autoresume loads."""
+    client = boto3.client('s3', endpoint_url=endpoint)
+    pointers = [obj['Key'] for obj in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get('Contents', [])
+                if obj['Key'].endswith('.symlink')]
+    if not pointers:
+        return None
+    target = client.get_object(Bucket=BUCKET, Key=pointers[0])['Body'].read().decode()
+    return re.search(r'ep\d+-ba(\d+)', target).group(0)
+
+
+def recorded_samples(record_dir):
+    """Return {(rank, batch): sample indices} of a recorded run."""
+    samples = {}
+    for path in sorted(record_dir.glob('samples-rank*.jsonl')):
+        rank = int(path.stem.removeprefix('samples-rank'))
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            samples[(rank, entry['batch'])] = entry['samples']
+    return samples
+
+
+def test_killed_run_resumes_as_if_uninterrupted(tmp_path, s3_server, s3_shards_96):
+    reference, reference_dir = recorded_run(tmp_path, 'reference', s3_shards_96, 'uninterrupted')
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output[-4000:]
+
+    killed, killed_dir = recorded_run(tmp_path, 'killed', s3_shards_96, 'interrupted')
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(s3_server, 'checkpoints/interrupted/') in (None, 'ep0-ba1', 'ep0-ba2'):
+        assert killed.poll() is None, killed.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, 'no complete checkpoint reached the store in time'
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    resume_point = latest_checkpoint(s3_server, 'checkpoints/interrupted/')
+    assert resume_point != 'ep0-ba12'
+
+    resumed, resumed_dir = recorded_run(tmp_path, 'resumed', s3_shards_96, 'interrupted')
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-4000:]
+
+    start = int(re.search(r'Trained batches (\d+) to 12', output).group(1))
+    assert f'ep0-ba{start - 1}' == resume_point
+
+    # Batches before the resume point come from the killed run, the rest from the rerun.
+    expected = recorded_samples(reference_dir)
+    killed_samples = recorded_samples(killed_dir)
+    resumed_samples = recorded_samples(resumed_dir)
+    combined = {key: value for key, value in killed_samples.items() if key[1] < start}
+    combined.update(resumed_samples)
+    assert combined == expected
+    seen = sorted(index for value in combined.values() for index in value)
+    assert seen == list(range(96))
+
+    final = torch.load(resumed_dir / 'final.pt', weights_only=True)
+    reference_final = torch.load(reference_dir / 'final.pt', weights_only=True)
+    assert set(final) == set(reference_final)
+    for key, value in reference_final.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7, msg=key)
