@@ -57,17 +57,17 @@ def checkpoints_in_store(endpoint, prefix):
                    for match in [re.search(r'ep\d+-ba\d+', obj['Key'])] if match})
 
 
-def train(tmp_path, run_label, shards, max_duration, extra=()):
-    """Run the quick-start pipeline with 2 FSDP2 processes on S3 data and checkpoints."""
-    command = [
+def resumable_run_command(script_args, run_name, shards, work_dir, max_duration):
+    """Launch 2 FSDP2 processes of the quick-start recipe on S3 data with checkpoints and autoresume in S3."""
+    return [
         sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
-        str(REPO_ROOT / 'train.py'), str(REPO_ROOT / 'yamls' / 'quickstart.yaml'),
-        'run_name=resume-test',
+        *script_args, str(REPO_ROOT / 'yamls' / 'quickstart.yaml'),
+        f'run_name={run_name}',
         f'train_loader.remote={shards}/train',
-        f'train_loader.local={tmp_path}/{run_label}/cache/train',
+        f'train_loader.local={work_dir}/cache/train',
         'train_loader.num_workers=0',
         f'eval_loader.remote={shards}/val',
-        f'eval_loader.local={tmp_path}/{run_label}/cache/val',
+        f'eval_loader.local={work_dir}/cache/val',
         'eval_loader.num_workers=0',
         'global_train_batch_size=8',
         'device_eval_batch_size=8',
@@ -79,8 +79,13 @@ def train(tmp_path, run_label, shards, max_duration, extra=()):
         'autoresume=true',
         'progress_bar=false',
         'dist_timeout=60',
-        *extra,
     ]
+
+
+def train(tmp_path, run_label, shards, max_duration):
+    """Run train.py on the quick-start recipe with S3 data and checkpoints."""
+    command = resumable_run_command([str(REPO_ROOT / 'train.py')], 'resume-test', shards, tmp_path / run_label,
+                                    max_duration)
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
@@ -178,29 +183,8 @@ def tiny_tower_overrides():
 def recorded_run(tmp_path, label, shards, run_name, max_duration='12ba'):
     """Start a recorded 2-process FSDP2 run in its own process group; return it and its record folder."""
     record_dir = tmp_path / label
-    command = [
-        sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
-        str(REPO_ROOT / 'tests' / 'scripts' / 'train_and_record.py'), str(record_dir),
-        str(REPO_ROOT / 'yamls' / 'quickstart.yaml'),
-        *tiny_tower_overrides(),
-        f'run_name={run_name}',
-        f'train_loader.remote={shards}/train',
-        f'train_loader.local={record_dir}/cache/train',
-        'train_loader.num_workers=0',
-        f'eval_loader.remote={shards}/val',
-        f'eval_loader.local={record_dir}/cache/val',
-        'eval_loader.num_workers=0',
-        'global_train_batch_size=8',
-        'device_eval_batch_size=8',
-        f'max_duration={max_duration}',
-        'eval_interval=1000ba',
-        'scheduler.t_warmup=1ba',
-        f'save_folder=s3://{BUCKET}/checkpoints/{{run_name}}',
-        'save_interval=1ba',
-        'autoresume=true',
-        'progress_bar=false',
-        'dist_timeout=60',
-    ]
+    script = [str(REPO_ROOT / 'tests' / 'scripts' / 'train_and_record.py'), str(record_dir)]
+    command = resumable_run_command(script, run_name, shards, record_dir, max_duration) + tiny_tower_overrides()
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     return process, record_dir
