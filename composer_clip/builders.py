@@ -12,6 +12,7 @@ Configs follow MosaicML's recipe conventions: OmegaConf YAML with shared values 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import logging
@@ -39,7 +40,7 @@ from composer_clip.base_model import (
     TransformersTextEncoder,
     TransformersVisionEncoder,
 )
-from composer_clip.callbacks import ClampLogitScale, MemoryMonitor
+from composer_clip.callbacks import ClampLogitScale, MemoryMonitor, StopOnNonFiniteLoss
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.data import build_image_text_dataloader, build_image_transform
 from composer_clip.fsdp2_utils import fix_gloo_gradient_average, reshape_scalar_parameters
@@ -119,7 +120,12 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> DictConfi
 
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
     if unknown:
-        raise ValueError(f'unknown top-level keys {unknown} in {yaml_path}; valid keys: {sorted(TOP_LEVEL_KEYS)}')
+        hints = [f'{key!r} -> {matches[0]!r}' for key in unknown
+                 if (matches := difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1))]
+        hint = f'; closest valid keys: {", ".join(hints)}' if hints else ''
+        raise ValueError(
+            f'unknown top-level keys {unknown} in {yaml_path}{hint}; valid keys: {sorted(TOP_LEVEL_KEYS)}'
+        )
     return config
 
 
@@ -408,6 +414,7 @@ def build_trainer(config: DictConfig) -> Trainer:
         device=device,
         seed=config.seed,
         callbacks=[
+            StopOnNonFiniteLoss(),
             ClampLogitScale(),
             LRMonitor(),
             SpeedMonitor(window_size=10),

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_clip.fsdp2_utils import log_fsdp2_memory_stats
 from composer_clip.multi_encoder_model import MAX_LOGIT_SCALE
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop training with an error when the loss is NaN or infinite.
+
+    The check runs right after the loss is computed, before the backward pass and the
+    optimizer step, so neither the weights nor a checkpoint ever take the non-finite state.
+    """
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        loss = state.loss['total'] if isinstance(state.loss, dict) else state.loss
+        if not torch.isfinite(loss).all():
+            raise RuntimeError(
+                f'the loss is {loss.detach().flatten()[0].item()} at batch {int(state.timestamp.batch) + 1} '
+                f'(epoch {int(state.timestamp.epoch)}); training stopped before the optimizer step. Look for '
+                f'inf or NaN inputs, lower the learning rate, or check logit_scale'
+            )
 
 
 class ClampLogitScale(Callback):

@@ -6,7 +6,7 @@ from composer import Callback, Trainer
 from composer.core import Evaluator
 from torch import nn
 
-from composer_clip.callbacks import ClampLogitScale, MemoryMonitor
+from composer_clip.callbacks import ClampLogitScale, MemoryMonitor, StopOnNonFiniteLoss
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiTextCLIP, MultiVisionCLIP
 from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
@@ -250,3 +250,37 @@ def test_memory_monitor_logs_every_interval():
     assert [int(timestamp.batch) for timestamp, _ in logged] == [2, 4]
     for _, value in logged:
         assert 0.01 < value < 64
+
+
+def test_non_finite_loss_stops_before_step_and_checkpoint(tmp_path):
+    composer_model = build_composer_model(aggregation='mean', learnable_weights=False)
+    good = fixed_batch()
+    bad = fixed_batch()
+    bad['images'][0][3] = float('nan')
+    weights_after_first_step = {}
+
+    class RecordWeights(Callback):
+        def batch_end(self, state, logger):
+            weights_after_first_step.update(
+                {key: value.detach().clone() for key, value in composer_model.state_dict().items()})
+
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=clip_data_spec([good, bad, good]),
+        max_duration='3ba',
+        device_train_microbatch_size=BATCH,
+        optimizers=torch.optim.SGD(composer_model.parameters(), lr=0.1),
+        callbacks=[StopOnNonFiniteLoss(), RecordWeights()],
+        save_folder=str(tmp_path / 'checkpoints'),
+        save_interval='1ba',
+        device='cpu',
+        progress_bar=False,
+    )
+
+    with pytest.raises(RuntimeError, match='the loss is nan at batch 2'):
+        trainer.fit()
+
+    saved = sorted(path.name for path in (tmp_path / 'checkpoints').iterdir())
+    assert saved == ['ep0-ba1-rank0.pt', 'latest-rank0.pt']
+    for key, value in composer_model.state_dict().items():
+        assert torch.equal(value, weights_after_first_step[key]), key

@@ -126,7 +126,8 @@ def test_train_rejects_batch_larger_than_data(tiny_demo_shards):
 
 
 def test_load_config_rejects_unknown_top_level_key():
-    with pytest.raises(ValueError, match=r"unknown top-level keys \['max_durration'\]"):
+    message = r"unknown top-level keys \['max_durration'\].*closest valid keys: 'max_durration' -> 'max_duration'"
+    with pytest.raises(ValueError, match=message):
         load_config(str(REPO_ROOT / 'yamls' / 'quickstart.yaml'), ['max_durration=1ep'])
 
 
