@@ -132,6 +132,17 @@ def _record_frozen_batch_norms(root: nn.Module, trainable_modules: Sequence[nn.M
 # Base classes.
 
 
+def checkpoint_blocks(encoder: nn.Module, enable: bool) -> None:
+    """Turn activation checkpointing of each block of `encoder.block_modules()` on or off."""
+    blocks = encoder.block_modules()
+    if not blocks and enable:
+        raise NotImplementedError(
+            f'{type(encoder).__name__} names no repeated blocks, so activation checkpointing has nothing '
+            'to wrap; override block_modules() or set_grad_checkpointing()')
+    for block in blocks:
+        set_module_checkpointing(block, enable)
+
+
 class BaseVisionEncoder(nn.Module, abc.ABC):
     """Base of every vision encoder: images `(batch, channels, height, width)` to `(batch, output_dim)`.
 
@@ -196,13 +207,7 @@ class BaseVisionEncoder(nn.Module, abc.ABC):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint the activations of each block of `block_modules()`."""
-        blocks = self.block_modules()
-        if not blocks and enable:
-            raise NotImplementedError(
-                f'{type(self).__name__} names no repeated blocks, so activation checkpointing has nothing '
-                'to wrap; override block_modules() or set_grad_checkpointing()')
-        for block in blocks:
-            set_module_checkpointing(block, enable)
+        checkpoint_blocks(self, enable)
 
 
 class BaseTextEncoder(nn.Module, abc.ABC):
@@ -270,13 +275,7 @@ class BaseTextEncoder(nn.Module, abc.ABC):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint the activations of each block of `block_modules()`."""
-        blocks = self.block_modules()
-        if not blocks and enable:
-            raise NotImplementedError(
-                f'{type(self).__name__} names no repeated blocks, so activation checkpointing has nothing '
-                'to wrap; override block_modules() or set_grad_checkpointing()')
-        for block in blocks:
-            set_module_checkpointing(block, enable)
+        checkpoint_blocks(self, enable)
 
 
 # Poolers: hidden states (batch, sequence, width) and an attention mask (batch, sequence) to

@@ -175,9 +175,9 @@ MODEL_KINDS = {
 def build_model(config: DictConfig) -> MultiEncoderCLIPBase:
     """Build the multi-encoder model from the `model` section.
 
-    `model.name` picks the kind: 'multi_vision' (one `text_encoder`, a list of
-    `vision_encoders`; the default), 'multi_text' (one `vision_encoder`, a list of
-    `text_encoders`) or 'multi_encoder' (lists on both sides).
+    `model.name` picks the kind. 'multi_vision', the default, takes one `text_encoder`
+    and a list of `vision_encoders`. 'multi_text' takes one `vision_encoder` and a list
+    of `text_encoders`. 'multi_encoder' takes lists on both sides.
     """
     model_config = OmegaConf.to_container(config.model)
     kind = model_config.pop('name', 'multi_vision')

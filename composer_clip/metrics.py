@@ -15,9 +15,9 @@ DIRECTIONS = ('image_to_text', 'text_to_image')
 class InBatchAccuracy(Metric):
     """Fraction of samples whose pair is the nearest neighbour within its local batch.
 
-    Averages the image-to-text and text-to-image directions. Cheap enough to compute on
-    every training batch; it depends on the batch size, so compare it only between runs
-    of the same device batch size.
+    Averages the image-to-text and text-to-image directions. It is cheap enough to compute
+    on every training batch. It depends on the batch size, so compare it only between
+    runs of the same device batch size.
     """
 
     full_state_update = False

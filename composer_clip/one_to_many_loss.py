@@ -1,8 +1,8 @@
 """Contrastive losses between one anchor encoder and several encoders on the other side.
 
-Every loss here is exact under data parallelism: with W ranks of local batch b, the
+Every loss here is exact under data parallelism. With W ranks of local batch b, the
 value on each rank equals the single-process loss over the global batch of W * b
-samples, and the mean over ranks of each rank's gradient (what DDP and FSDP2 apply)
+samples. The mean over ranks of each rank's gradient, which DDP and FSDP2 apply,
 equals the single-process gradient.
 
 How: each rank gathers the features of all ranks with autograd, computes only its own

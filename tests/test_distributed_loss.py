@@ -1,8 +1,8 @@
 """The distributed loss equals the single-process loss over the global batch.
 
-Two gloo processes each take half of a global batch; their loss values and their
-rank-averaged parameter gradients (what DDP and FSDP2 apply) must equal one process
-on the whole batch.
+Two gloo processes each take half of a global batch. Their loss values and their
+rank-averaged parameter gradients (what DDP and FSDP2 apply) must equal those of one
+process on the whole batch.
 """
 
 import socket

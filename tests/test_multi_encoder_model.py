@@ -118,7 +118,7 @@ def test_multi_vision_clip_rejects_output_dim_mismatch():
         MultiVisionCLIP(vision, BagOfTokensText(16), embed_dim=16)
 
 
-def test_multi_vision_clip_rejects_wrong_number_of_image_inputs():
+def test_multi_vision_clip_rejects_image_count():
     model = build_model(num_towers=2)
     images = [torch.randn(2, 3, 4, 4)] * 3
 

@@ -123,12 +123,12 @@ def test_one_to_many_loss_rejects_unknown_aggregation():
         OneToManyClipLoss(aggregation='sum')
 
 
-def test_one_to_many_loss_rejects_learnable_weights_without_weighted():
+def test_learnable_weights_need_weighted_aggregation():
     with pytest.raises(ValueError, match="learnable_weights=True needs aggregation='weighted'"):
         OneToManyClipLoss(aggregation='mean', learnable_weights=True)
 
 
-def test_one_to_many_loss_pairwise_is_mean_of_tower_losses():
+def test_pairwise_loss_averages_tower_losses():
     text = random_features(6, 8, seed=31)
     towers = [random_features(6, 8, seed=32 + n) for n in range(3)]
     logit_scale = torch.tensor(9.0, dtype=torch.float64)
@@ -141,7 +141,7 @@ def test_one_to_many_loss_pairwise_is_mean_of_tower_losses():
         torch.testing.assert_close(result[f'vision_{index}'], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_one_to_many_loss_reports_tower_terms_without_gradient():
+def test_tower_terms_have_no_gradient():
     vision = random_features(4, 8, seed=41)
     texts = [random_features(4, 8, seed=42 + n) for n in range(2)]
     loss_fn = OneToManyClipLoss(text_to_multi_vision=False, num_multi_encoders=2, aggregation='mean')
@@ -179,7 +179,7 @@ def test_loss_gradients_reach_scale_and_weights(aggregation):
             assert not weight.requires_grad
 
 
-def test_multi_encoder_loss_matches_clip_loss_for_one_pair():
+def test_multi_encoder_loss_matches_clip_loss():
     generator = torch.Generator().manual_seed(5)
     raw_image = torch.randn(8, 16, generator=generator, dtype=torch.float64, requires_grad=True)
     raw_text = torch.randn(8, 16, generator=generator, dtype=torch.float64, requires_grad=True)

