@@ -40,7 +40,7 @@ from composer_clip.base_model import (
     TransformersTextEncoder,
     TransformersVisionEncoder,
 )
-from composer_clip.callbacks import ClampLogitScale, MemoryMonitor, StopOnNonFiniteLoss
+from composer_clip.callbacks import BadSampleMonitor, ClampLogitScale, MemoryMonitor, StopOnNonFiniteLoss
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
 from composer_clip.data import build_image_text_dataloader, build_image_transform
 from composer_clip.fsdp2_utils import fix_gloo_gradient_average, reshape_scalar_parameters
@@ -230,6 +230,8 @@ def build_dataloader(
     image_transforms = [build_image_transform(encoder.preprocess_cfg, is_train) for encoder in vision_encoders]
     tokenizers = [encoder.get_tokenizer() for encoder in text_encoders]
     loader_kwargs = OmegaConf.to_container(loader_config)
+    # BadSampleMonitor enforces the limit on the samples that the dataset skips.
+    loader_kwargs.pop('max_bad_samples', None)
     loader_kwargs.setdefault('shuffle', is_train)
     loader_kwargs.setdefault('drop_last', is_train)
     dataloader = build_image_text_dataloader(
@@ -415,6 +417,10 @@ def build_trainer(config: DictConfig) -> Trainer:
         seed=config.seed,
         callbacks=[
             StopOnNonFiniteLoss(),
+            BadSampleMonitor(
+                max_bad_samples=config.train_loader.get('max_bad_samples'),
+                max_eval_bad_samples=config.eval_loader.get('max_bad_samples'),
+            ),
             ClampLogitScale(),
             LRMonitor(),
             SpeedMonitor(window_size=10),

@@ -27,6 +27,7 @@ from composer_clip.data import (
     build_image_transform,
     collate_image_text,
     convert_to_rgb,
+    decode_image,
     find_image_caption_files,
     normalize_preprocess_cfg,
     write_image_text_mds,
@@ -221,6 +222,65 @@ def test_convert_to_rgb_sixteen_bit_grey():
     converted = np.asarray(convert_to_rgb(decoded))
     assert converted[0, :, 0].tolist() == [0, 1, 255, round(1000 / 257)]
     assert converted[0, :, 2].tolist() == converted[0, :, 0].tolist()
+
+
+def _composite_on_white(value: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    weight = alpha.astype(np.float64)[..., None] / 255.0
+    return np.rint(value.astype(np.float64) * weight + 255.0 * (1.0 - weight)).astype(np.uint8)
+
+
+def _palette_with_transparency(rng) -> tuple[Image.Image, np.ndarray]:
+    indices = rng.integers(0, 4, (6, 6), dtype=np.uint8)
+    colours = np.array([[200, 10, 10], [0, 0, 0], [10, 200, 30], [1, 2, 3]], dtype=np.uint8)
+    palette = Image.frombytes('P', (6, 6), indices.tobytes())
+    palette.putpalette(colours.flatten().tolist() + [0] * (768 - colours.size))
+    expected = colours[indices]
+    expected[indices == 1] = 255
+    return palette, expected
+
+
+def _encoded_image_and_expected_rgb(mode: str) -> tuple[bytes, np.ndarray]:
+    """Encode a random image of ``mode`` losslessly and compute its RGB version independently."""
+    rng = np.random.default_rng(len(mode))
+    if mode == 'L':
+        grey = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+        return encode(Image.fromarray(grey), 'PNG'), np.repeat(grey[..., None], 3, axis=-1)
+    if mode == 'LA':
+        grey_alpha = rng.integers(0, 256, (6, 6, 2), dtype=np.uint8)
+        expected = _composite_on_white(np.repeat(grey_alpha[..., :1], 3, axis=-1), grey_alpha[..., 1])
+        return encode(Image.fromarray(grey_alpha), 'PNG'), expected
+    if mode == 'P':
+        palette, expected = _palette_with_transparency(rng)
+        return encode(palette, 'PNG', transparency=1), expected
+    if mode == 'RGBA':
+        rgba = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+        return encode(Image.fromarray(rgba), 'PNG'), _composite_on_white(rgba[..., :3], rgba[..., 3])
+    if mode == 'CMYK':
+        cmyk = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+        # Pillow 11 converts CMYK without a colour profile: each channel is
+        # (255 - ink) * (255 - black) / 255, rounded.
+        ink, black = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
+        expected = np.rint((255.0 - ink) * (255.0 - black) / 255.0).astype(np.uint8)
+        return encode(Image.frombytes('CMYK', (6, 6), cmyk.tobytes()), 'TIFF'), expected
+    if mode == 'I;16':
+        values = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
+        grey = np.rint(values / 257.0).astype(np.uint8)
+        return encode(Image.fromarray(values), 'PNG'), np.repeat(grey[..., None], 3, axis=-1)
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize('mode', ['L', 'LA', 'P', 'RGBA', 'CMYK', 'I;16'])
+def test_decode_image_converts_mode_to_rgb(mode):
+    data, expected = _encoded_image_and_expected_rgb(mode)
+
+    first = np.asarray(decode_image(data))
+    second = np.asarray(decode_image(data))
+
+    assert Image.open(io.BytesIO(data)).mode == mode
+    assert first.dtype == np.uint8
+    assert first.shape == (6, 6, 3)
+    assert first.tolist() == expected.tolist()
+    assert second.tolist() == first.tolist()
 
 
 @pytest.mark.parametrize('cfg', [TOWER_A_CFG, TOWER_B_CFG, TOWER_C_CFG], ids=['shortest', 'squash', 'longest'])
@@ -450,16 +510,20 @@ def test_dataset_missing_column_lists_found(tmp_path):
     assert dataset[0]['texts'][0].tolist() == [ord('a') + 1, ord(' ') + 1, ord('c') + 1, ord('a') + 1]
 
 
-def test_dataset_corrupt_image_names_sample(tmp_path):
+def test_dataset_replaces_corrupt_image(tmp_path):
     with MDSWriter(out=str(tmp_path / 'mds'), columns={'image': 'bytes', 'caption': 'str'}) as writer:
         writer.write({'image': encode(Image.fromarray(_pattern(8, 8, 0)), 'PNG'), 'caption': 'good'})
         writer.write({'image': b'garbage', 'caption': 'bad'})
     dataset = StreamingImageTextDataset(local=str(tmp_path / 'mds'),
                                         image_transforms=[build_image_transform({'size': 8}, False)],
                                         tokenizers=[ByteTokenizer(4)])
-    assert dataset[0]['sample_index'] == 0
-    with pytest.raises(ValueError, match='Sample 1: the bytes in column'):
-        dataset[1]
+
+    sample = dataset[1]
+
+    assert sample['sample_index'] == 0
+    [bad] = sample['bad_samples']
+    assert (bad.sample_index, bad.reason) == (1, 'image_undecodable')
+    assert 'the image does not decode (UnidentifiedImageError' in bad.message
 
 
 @pytest.mark.parametrize('kwargs, error, message', [

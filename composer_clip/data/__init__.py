@@ -1,5 +1,6 @@
 """Image-text data: MDS writing, streaming datasets, per-tower transforms and batching."""
 
+from composer_clip.data.bad_samples import BAD_SAMPLE_REASONS, BadSample, BadSampleCounts, BadSampleError
 from composer_clip.data.dataloader import build_image_text_dataloader, collate_image_text
 from composer_clip.data.dataset import StreamingImageTextDataset
 from composer_clip.data.mds import SKIP_REASONS, MDSWriteCounts, write_image_text_mds
@@ -20,6 +21,10 @@ from composer_clip.data.transforms import (
 )
 
 __all__ = [
+    'BAD_SAMPLE_REASONS',
+    'BadSample',
+    'BadSampleCounts',
+    'BadSampleError',
     'IMAGE_EXTENSIONS',
     'SKIP_REASONS',
     'ImageCaptionFiles',

@@ -21,7 +21,9 @@ def collate_image_text(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns ``{'images': [Tensor (batch, C, H, W) per vision tower], 'texts':
     [LongTensor (batch, context_length) per text tower], 'sample_index': LongTensor
-    (batch,)}``. Towers that shared one tensor per sample share the stacked batch too.
+    (batch,), 'bad_samples': [BadSample]}``. Towers that shared one tensor per sample
+    share the stacked batch too. ``bad_samples`` lists the bad samples that the
+    dataset replaced while reading this batch.
     """
     if not samples:
         raise ValueError('collate_image_text got no samples; pass at least one sample')
@@ -38,7 +40,8 @@ def collate_image_text(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     images = _stack_per_tower([sample['images'] for sample in samples], 'vision')
     texts = _stack_per_tower([sample['texts'] for sample in samples], 'text')
     sample_index = torch.tensor([int(sample['sample_index']) for sample in samples], dtype=torch.long)
-    return {'images': images, 'texts': texts, 'sample_index': sample_index}
+    bad_samples = [bad for sample in samples for bad in sample.get('bad_samples', ())]
+    return {'images': images, 'texts': texts, 'sample_index': sample_index, 'bad_samples': bad_samples}
 
 
 def build_image_text_dataloader(

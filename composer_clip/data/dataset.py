@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from composer_clip.data.transforms import convert_to_rgb, decode_image
+from composer_clip.data.bad_samples import BadSample, BadSampleError, check_caption, decode_sample_image
+from composer_clip.data.transforms import convert_to_rgb
 
 __all__ = ['StreamingImageTextDataset']
 
@@ -50,8 +51,9 @@ class StreamingImageTextDataset(StreamingDataset):
             ``predownload``, ``cache_limit``, ``streams``, ...
 
     A sample is ``{'images': [Tensor (C, H, W) per vision tower], 'texts':
-    [LongTensor (context_length,) per text tower], 'sample_index': int}``, where
-    ``sample_index`` is the sample's index in the dataset.
+    [LongTensor (context_length,) per text tower], 'sample_index': int,
+    'bad_samples': [BadSample]}``, where ``sample_index`` is the sample's index in the
+    dataset. ``bad_samples`` is empty, or holds the bad sample that this one replaces.
     """
 
     def __init__(
@@ -87,10 +89,44 @@ class StreamingImageTextDataset(StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         """Read, decode and transform the sample at ``sample_id``.
 
-        `StreamingDataset.__getitem__` and iteration both call this method.
+        `StreamingDataset.__getitem__` and iteration both call this method. A bad
+        sample (see `BAD_SAMPLE_REASONS`) is replaced by the next good sample of its
+        shard, so that every batch keeps its size on every rank, which the cross-rank
+        feature gather of the contrastive loss needs. The replacement is the same on
+        every read, so resumed runs see the same data. The returned sample then lists
+        the bad one under ``'bad_samples'`` for counting.
         """
-        sample = super().get_item(sample_id, retry=retry)
         sample_index = int(sample_id)
+        try:
+            item = self._read_sample(sample_index, retry)
+        except BadSampleError as error:
+            bad_sample = BadSample(sample_index, self._shard_path_of(sample_index), error.reason, str(error))
+            log.debug('Skipping bad sample %d of %s: %s', sample_index, bad_sample.shard, error)
+            item = self._read_substitute(sample_index, retry)
+            item['bad_samples'] = [bad_sample]
+            return item
+
+        item['bad_samples'] = []
+        return item
+
+    def _read_substitute(self, sample_index: int, retry: int) -> dict[str, Any]:
+        """Read the first good sample after ``sample_index`` in its shard, wrapping around."""
+        shard_id, offset = self.spanner[sample_index]
+        shard_start = sample_index - offset
+        shard_size = int(self.samples_per_shard[shard_id])
+        for step in range(1, shard_size):
+            candidate = shard_start + (offset + step) % shard_size
+            try:
+                return self._read_sample(candidate, retry)
+            except BadSampleError:
+                continue
+        raise ValueError(
+            f'All {shard_size} samples of shard {self._shard_path_of(sample_index)} are bad, so sample '
+            f'{sample_index} has no replacement; check the shard, for example with write_image_text_mds'
+        )
+
+    def _read_sample(self, sample_index: int, retry: int) -> dict[str, Any]:
+        sample = super().get_item(sample_index, retry=retry)
 
         for key in (self.image_key, self.caption_key):
             if key not in sample:
@@ -99,13 +135,8 @@ class StreamingImageTextDataset(StreamingDataset):
                     f'Pass image_key and caption_key that match the shards.'
                 )
 
+        caption = check_caption(sample[self.caption_key], f'Sample {sample_index} (column {self.caption_key!r})')
         image = self._decode(sample[self.image_key], sample_index)
-        caption = sample[self.caption_key]
-        if not isinstance(caption, str):
-            raise TypeError(
-                f'Sample {sample_index} has a {type(caption).__name__} in column {self.caption_key!r}; '
-                f'the caption column must contain str values'
-            )
 
         # Random augmentations draw from a generator seeded by (shuffle seed, epoch, sample), so a
         # sample gets the same crop whichever worker loads it and whether or not the run resumed.
@@ -135,19 +166,7 @@ class StreamingImageTextDataset(StreamingDataset):
                 f'the image column must contain encoded image bytes'
             )
 
-        try:
-            return decode_image(bytes(value))
-        # Pillow raises many exception types on malformed input, so any of them is
-        # reported with the sample index.
-        except Exception as error:  # noqa: BLE001
-            # NOTE: a bad sample stops iteration. Skipping it here would shrink the
-            # batch on one rank only, which breaks the cross-rank feature gather of
-            # the contrastive loss. `write_image_text_mds` validates every image.
-            raise ValueError(
-                f'Sample {sample_index}: the bytes in column {self.image_key!r} do not decode as an image '
-                f'({type(error).__name__}: {error}); rewrite the shards with write_image_text_mds, '
-                f'which skips undecodable images'
-            ) from error
+        return decode_sample_image(bytes(value))
 
     @staticmethod
     def _tokenize(tokenizer: TokenizerFn, caption: str, sample_index: int) -> torch.Tensor:
@@ -169,12 +188,20 @@ class StreamingImageTextDataset(StreamingDataset):
                 continue
             missing = [key for key in (self.image_key, self.caption_key) if key not in column_names]
             if missing:
-                shard_path = os.path.join(shard.dirname, shard.split, shard.file_pairs[0][0].basename)
                 raise ValueError(
-                    f'Shard {shard_path} has no column(s) '
+                    f'Shard {_shard_path(shard)} has no column(s) '
                     f'{missing}; it has columns {list(column_names)}. Pass image_key and caption_key '
                     f'that match the shards.'
                 )
+
+    def _shard_path_of(self, sample_index: int) -> str:
+        shard_id, _ = self.spanner[sample_index]
+        return _shard_path(self.shards[shard_id])
+
+
+def _shard_path(shard: Any) -> str:
+    """Return the path of a shard's file as the dataset reads it (remote or local folder)."""
+    return os.path.join(shard.dirname, shard.split or '', shard.file_pairs[0][0].basename)
 
 
 def _validate_callables(name: str, values: Any, tower_kind: str) -> list:

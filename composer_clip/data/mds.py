@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from streaming import MDSWriter
 
-from composer_clip.data.transforms import decode_image
+from composer_clip.data.bad_samples import BAD_SAMPLE_REASONS, BadSampleError, check_caption, decode_sample_image
 
 __all__ = [
     'DEFAULT_SIZE_LIMIT',
@@ -28,14 +28,9 @@ log = logging.getLogger(__name__)
 # Streaming's own default shard size limit (64 MiB before compression).
 DEFAULT_SIZE_LIMIT = 1 << 26
 
-# Reasons for skipping a sample, used as the keys of `MDSWriteCounts.skipped_by_reason`.
-SKIP_REASONS = (
-    'image_not_found',
-    'image_unreadable',
-    'image_undecodable',
-    'caption_missing',
-    'caption_empty',
-)
+# Reasons for skipping a sample, used as the keys of `MDSWriteCounts.skipped_by_reason`: the
+# reasons of a read-time skip, plus two for image files given by path.
+SKIP_REASONS = ('image_not_found', 'image_unreadable', *BAD_SAMPLE_REASONS)
 
 ImageSource = Union[bytes, bytearray, memoryview, 'os.PathLike[str]']
 
@@ -172,14 +167,11 @@ def _unpack_sample(sample: Any, position: int) -> tuple[Any, Any]:
 
 def _validate_sample(image: Any, caption: Any, position: int) -> tuple[Optional[bytes], Optional[str]]:
     """Return the image bytes and None, or None and the reason to skip the sample."""
-    if caption is None:
-        log.debug('Skipping sample %d: no caption', position)
-        return None, 'caption_missing'
-    if not isinstance(caption, str):
-        raise TypeError(f'Sample {position} has a caption of type {type(caption).__name__}; pass a str or None')
-    if not caption.strip():
-        log.debug('Skipping sample %d: empty caption', position)
-        return None, 'caption_empty'
+    try:
+        check_caption(caption, f'Sample {position}')
+    except BadSampleError as error:
+        log.debug('Skipping sample %d: %s', position, error)
+        return None, error.reason
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         image_bytes = bytes(image)
@@ -200,13 +192,9 @@ def _validate_sample(image: Any, caption: Any, position: int) -> tuple[Optional[
         )
 
     try:
-        decode_image(image_bytes)
-    # Pillow raises many exception types on malformed input (OSError, ValueError,
-    # SyntaxError, struct.error, DecompressionBombError, ...), so any exception
-    # while decoding marks the image as bad.
-    except Exception as error:  # noqa: BLE001
-        log.debug('Skipping sample %d: image does not decode: %s: %s', position, type(error).__name__, error)
-        return None, 'image_undecodable'
+        decode_sample_image(image_bytes)
+    except BadSampleError as error:
+        log.debug('Skipping sample %d: %s', position, error)
+        return None, error.reason
 
     return image_bytes, None
-
