@@ -506,6 +506,21 @@ def remove_pooling_layer(model: nn.Module) -> bool:
     return True
 
 
+def load_transformers_config(model_name: str, trust_remote_code: bool):
+    """Load `AutoConfig` for `model_name`; a model that needs remote code raises unless it is trusted."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or 'trust_remote_code' not in str(error):
+            raise
+        raise ValueError(
+            f'{model_name} needs its own Python code (remote code) to load, and trust_remote_code is false. '
+            f'Read that code first; to run it, set trust_remote_code: true in this encoder\'s config'
+        ) from error
+
+
 def load_transformers_model(
         model_name: str,
         pretrained: bool,
@@ -518,11 +533,11 @@ def load_transformers_model(
     Model classes that accept `add_pooling_layer` are built without their pooling layer unless
     `add_pooling_layer=True`. Encoder-decoder models return only their encoder.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
     if config is None:
-        config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        config = load_transformers_config(model_name, trust_remote_code)
     kwargs = {} if add_pooling_layer else _model_kwargs_without_pooler(config)
 
     if pretrained:
@@ -631,12 +646,12 @@ class TransformersTextEncoder(BaseTextEncoder):
             trust_remote_code: bool = False,
             output_tokens: bool = False,
     ):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         pooler = build_pooler(pooler_type)
         check_projection_type(proj_type)
 
-        config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        config = load_transformers_config(model_name, trust_remote_code)
         if pooler_type == 'cls' and is_causal_language_model(config):
             raise ValueError(
                 f"pooler_type='cls' is invalid for the decoder-only model {model_name} ({config.model_type}), "
@@ -830,8 +845,6 @@ class TransformersVisionEncoder(BaseVisionEncoder):
             trust_remote_code: bool = False,
             output_tokens: bool = False,
     ):
-        from transformers import AutoConfig
-
         if pooler_type not in VISION_POOLER_TYPES:
             raise ValueError(
                 f'pooler_type={pooler_type!r} is invalid for a vision encoder; '
@@ -839,7 +852,7 @@ class TransformersVisionEncoder(BaseVisionEncoder):
         check_projection_type(proj_type)
         super().__init__(output_dim, image_size=image_size)
 
-        config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        config = load_transformers_config(model_name, trust_remote_code)
         config_size = getattr(config, 'image_size', None)
         needs_other_size = config_size is not None and _as_pair(config_size) != _as_pair(image_size)
         if needs_other_size and not pretrained:

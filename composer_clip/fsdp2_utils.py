@@ -659,6 +659,10 @@ def _load_sharded_checkpoint(model: nn.Module, path: Path) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.tensor import distribute_tensor
 
+    from composer_clip.safe_loading import enforce_weights_only_loading
+
+    # torch.distributed.checkpoint unpickles metadata and non-tensor values without limits.
+    enforce_weights_only_loading()
     model_state_dict = _sharded_model_state_dict(model)
     model_shapes = {
         key: tuple(value.shape) if isinstance(value, torch.Tensor) else None
