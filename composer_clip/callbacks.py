@@ -9,6 +9,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.tensor import DTensor
 
 from composer_clip.composer_model import num_samples_in_batch
 from composer_clip.data.bad_samples import (
@@ -42,17 +43,35 @@ class StopOnNonFiniteLoss(Callback):
 
 
 class ClampLogitScale(Callback):
-    """Keep every `logit_scale` parameter within [0, ln(100)] after each optimizer step.
+    """Keep every `logit_scale` parameter within [0, ln(100)] after each optimizer step, and log it.
 
     CLIP caps the learned temperature at 100; without the cap it grows until the loss
     saturates. The models also cap the scale in `forward`, so a value above the cap gets
     no gradient, but clamping the stored parameter keeps checkpoints within range too.
+
+    After clamping, the factor that multiplies the cosine similarities, exp(logit_scale),
+    goes to Composer's loggers every batch as `logit_scale/exp`. With several
+    `logit_scale` parameters, each is logged as `logit_scale/exp/<path of its module>`.
     """
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        scales = {}
         for name, parameter in state.model.named_parameters():
-            if name.rsplit('.', 1)[-1] == 'logit_scale':
-                parameter.data.clamp_(0, MAX_LOGIT_SCALE)
+            if name.rsplit('.', 1)[-1] != 'logit_scale':
+                continue
+            parameter.data.clamp_(0, MAX_LOGIT_SCALE)
+
+            value = parameter.detach()
+            if isinstance(value, DTensor):
+                # FSDP2 keeps the value on one rank only. Every rank runs batch_end, so all
+                # ranks take part in this all-gather.
+                value = value.full_tensor()
+            scales[name.rpartition('.')[0]] = value.reshape(-1)[0].exp().item()
+
+        if len(scales) == 1:
+            logger.log_metrics({'logit_scale/exp': next(iter(scales.values()))})
+        elif scales:
+            logger.log_metrics({f'logit_scale/exp/{owner}': scale for owner, scale in scales.items()})
 
 
 class MemoryMonitor(Callback):

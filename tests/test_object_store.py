@@ -78,6 +78,7 @@ def resumable_run_command(script_args, run_name, shards, work_dir, max_duration)
         'save_interval=1ba',
         'autoresume=true',
         'progress_bar=false',
+        'zero_shot=null',
         'dist_timeout=60',
     ]
 
@@ -135,6 +136,7 @@ def test_two_launchers_train_as_one_four_rank_job(tmp_path, s3_server, s3_shards
         'eval_interval=2ba',
         'scheduler.t_warmup=1ba',
         'progress_bar=false',
+        'zero_shot=null',
         'dist_timeout=120',
         # An empty store: every node must start from scratch without waiting or failing.
         'run_name=two-nodes',

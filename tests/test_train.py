@@ -143,6 +143,7 @@ def test_quickstart_trains_with_two_processes(tiny_demo_shards, tmp_path):
         'eval_interval=2ba',
         'scheduler.t_warmup=1ba',
         'progress_bar=false',
+        'zero_shot=null',
         f'metrics_file={metrics_file}',
         'dist_timeout=60',
     ]
