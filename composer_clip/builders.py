@@ -12,12 +12,12 @@ Configs follow MosaicML's recipe conventions: OmegaConf YAML with shared values 
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import inspect
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +26,12 @@ import torch
 from composer import Trainer
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import DataSpec, Evaluator
-from composer.loggers import FileLogger
+from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger, WandBLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler
-from composer.utils import dist, reproducibility
+from composer.utils import dist, parse_uri, reproducibility
 from composer.utils.parallelism import FSDP2Config
 from omegaconf import DictConfig, OmegaConf
+from streaming import StreamingDataset
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -42,19 +43,23 @@ from composer_clip.base_model import (
 )
 from composer_clip.callbacks import BadSampleMonitor, ClampLogitScale, MemoryMonitor, StopOnNonFiniteLoss
 from composer_clip.composer_model import ComposerCLIP, clip_data_spec
-from composer_clip.data import build_image_text_dataloader, build_image_transform
+from composer_clip.config_validation import validate_config
+from composer_clip.data import StreamingImageTextDataset, build_image_text_dataloader, build_image_transform
 from composer_clip.fsdp2_utils import fix_gloo_gradient_average, reshape_scalar_parameters
 from composer_clip.hf_model import HFTextEncoder
 from composer_clip.mobilenet_model import MobileNetV2Encoder
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiEncoderCLIPBase, MultiTextCLIP, MultiVisionCLIP
-from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
+from composer_clip.one_to_many_loss import AGGREGATIONS, MultiEncoderClipLoss, OneToManyClipLoss
 from composer_clip.openclip_towers import (
     OpenCLIPTextTransformer,
     OpenCLIPVisionTransformer,
     text_tower_from_openclip,
     vision_tower_from_openclip,
 )
+from composer_clip.safe_loading import enforce_weights_only_loading
 from composer_clip.timm_model import TimmModel
+from composer_clip.zero_shot import CONFIG_KEYS as ZERO_SHOT_KEYS
+from composer_clip.zero_shot import ZeroShotClassification, build_zero_shot_callback
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,7 @@ TOP_LEVEL_KEYS = {
     'optimizer', 'scheduler', 'precision', 'save_folder', 'save_interval', 'save_num_checkpoints_to_keep',
     'save_overwrite', 'load_path', 'autoresume', 'progress_bar', 'log_to_console', 'console_log_interval',
     'metrics_file', 'dist_timeout', 'parallelism_config', 'memory_log_interval',
+    'loggers', 'zero_shot', 'code_paths',
 }
 
 # Seconds between two checks that an uploaded checkpoint is complete in the object store.
@@ -100,32 +106,47 @@ if not OmegaConf.has_resolver('package_path'):
     OmegaConf.register_resolver('package_path', package_path)
 
 
+def import_code_paths(paths: list[str]) -> None:
+    """Import Python files that register components, such as encoders, before a config is built.
+
+    A recipe lists them under `code_paths`, so `train.py` can use encoders defined outside
+    composer_clip without a wrapper script. Each file is imported once per process.
+    """
+    for path in paths:
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'code_paths entry {path} was not found; list Python files that exist')
+        module_name = 'composer_clip_user_code.' + os.path.splitext(os.path.basename(path))[0]
+        if module_name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        log.info('Imported %s from code_paths', path)
+
+
 def load_config(yaml_path: str, overrides: list[str] | None = None) -> DictConfig:
-    """Read a YAML recipe, apply `key=value` overrides and resolve interpolations.
+    """Read a YAML recipe, apply `key=value` overrides, resolve interpolations and validate it.
 
     A value is parsed as YAML. A mapping value (`model.text_encoder={name: ..., ...}`)
     replaces the section instead of merging into it, so that a tower can be swapped for
-    one of another kind without keeping the old tower's arguments.
+    one of another kind without keeping the old tower's arguments. The files listed under
+    `code_paths` are imported first, then `validate_config` checks every key and value
+    before anything is built.
     """
     config = OmegaConf.load(yaml_path)
     for override in overrides or []:
         key, separator, _ = override.partition('=')
         if not separator:
             raise ValueError(f'override {override!r} has no "="; write overrides as key=value')
-        value = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
-        for part in key.split('.'):
-            value = value[part]
+        # Parse the value alone, so that keys with list indices (`towers[0].size`) work too.
+        _, _, raw_value = override.partition('=')
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f'value={raw_value}']), resolve=False)['value']
         OmegaConf.update(config, key, value, merge=False)
     OmegaConf.resolve(config)
-
-    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
-    if unknown:
-        hints = [f'{key!r} -> {matches[0]!r}' for key in unknown
-                 if (matches := difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1))]
-        hint = f'; closest valid keys: {", ".join(hints)}' if hints else ''
-        raise ValueError(
-            f'unknown top-level keys {unknown} in {yaml_path}{hint}; valid keys: {sorted(TOP_LEVEL_KEYS)}'
-        )
+    import_code_paths(config.get('code_paths') or [])
+    validate_config(config, yaml_path)
     return config
 
 
@@ -203,6 +224,10 @@ def build_model(config: DictConfig) -> MultiEncoderCLIPBase:
     return model_class(towers[vision_key], towers[text_key], embed_dim=embed_dim)
 
 
+# The loss class of each model kind.
+LOSS_CLASSES = {'multi_vision': OneToManyClipLoss, 'multi_text': OneToManyClipLoss, 'multi_encoder': MultiEncoderClipLoss}
+
+
 def build_loss(config: DictConfig, model: MultiEncoderCLIPBase) -> nn.Module:
     """Build the loss that fits `model` from the `loss` section, for this rank and world size."""
     loss_config = OmegaConf.to_container(config.get('loss', {}))
@@ -217,6 +242,10 @@ def build_loss(config: DictConfig, model: MultiEncoderCLIPBase) -> nn.Module:
     return OneToManyClipLoss(
         text_to_multi_vision=True, num_multi_encoders=model.num_vision_encoders, **distributed, **loss_config
     )
+
+
+# The functions that receive the keys of a train_loader or eval_loader section.
+LOADER_FUNCTIONS = (build_image_text_dataloader, StreamingImageTextDataset, StreamingDataset)
 
 
 def build_dataloader(
@@ -260,6 +289,10 @@ def check_batches_per_rank(num_samples: int, batch_size: int, drop_last: bool, l
         )
 
 
+OPTIMIZER_CLASS = torch.optim.AdamW
+SCHEDULER_CLASS = CosineAnnealingWithWarmupScheduler
+
+
 def build_optimizer(config: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Build AdamW with weight decay on weight matrices only.
 
@@ -279,7 +312,7 @@ def build_optimizer(config: DictConfig, model: nn.Module) -> torch.optim.Optimiz
         {'params': decay, 'weight_decay': weight_decay},
         {'params': no_decay, 'weight_decay': 0.0},
     ]
-    return torch.optim.AdamW(groups, **optimizer_config)
+    return OPTIMIZER_CLASS(groups, **optimizer_config)
 
 
 def build_scheduler(config: DictConfig) -> CosineAnnealingWithWarmupScheduler:
@@ -359,8 +392,97 @@ def check_fsdp2_applied(model: nn.Module) -> int:
     return sharded
 
 
+# Optional metric destinations: YAML name -> (Composer's logger, the module it needs, our pip extra).
+OPTIONAL_LOGGERS = {
+    'tensorboard': (TensorboardLogger, 'tensorboard', 'tensorboard'),
+    'wandb': (WandBLogger, 'wandb', 'wandb'),
+}
+
+# Batches between two writes of the metrics file when each write also uploads it to an
+# object store (Composer's default). A file that stays local is written every batch.
+REMOTE_METRICS_FLUSH_INTERVAL = 100
+
+
+def metrics_file_names(config: DictConfig) -> tuple[str, str | None]:
+    """Return this rank's metrics file and, when `save_folder` is an object-store URI, its name in the store.
+
+    The file is `metrics_file` when set, else `metrics.txt` in a local `save_folder`, else
+    `runs/{run_name}/metrics.txt`. Composer fills in `{run_name}` and `{rank}`. Rank 0
+    writes that name. Another rank r writes `-rank<r>` before the extension, unless the
+    name contains `{rank}`. The copy in the store lies next to the checkpoints.
+    """
+    save_folder = config.get('save_folder')
+    remote_folder = None
+    if save_folder and '://' in save_folder:
+        remote_folder = parse_uri(save_folder)[2]
+
+    filename = config.get('metrics_file')
+    if not filename:
+        folder = save_folder if save_folder and remote_folder is None else os.path.join('runs', '{run_name}')
+        filename = os.path.join(folder, 'metrics.txt')
+    rank = dist.get_global_rank()
+    if rank != 0 and '{rank}' not in filename:
+        root, extension = os.path.splitext(filename)
+        filename = f'{root}-rank{rank}{extension}'
+
+    if remote_folder is None:
+        return filename, None
+    return filename, f'{remote_folder.rstrip("/")}/{os.path.basename(filename)}'
+
+
+def build_loggers(config: DictConfig) -> list[LoggerDestination]:
+    """Build the metric destinations: the metrics file always, TensorBoard and W&B when `loggers` names them.
+
+    `loggers.tensorboard` takes the arguments of Composer's TensorboardLogger (`log_dir`,
+    default `runs`, with one folder per run name; `flush_interval`, ...). `loggers.wandb`
+    takes those of WandBLogger (`project`, `entity`, `name`, `init_kwargs`, ...).
+    """
+    filename, remote_file_name = metrics_file_names(config)
+    loggers: list[LoggerDestination] = [
+        FileLogger(
+            filename=filename,
+            remote_file_name=remote_file_name,
+            flush_interval=1 if remote_file_name is None else REMOTE_METRICS_FLUSH_INTERVAL,
+            # The file contains metrics only, so the progress bar stays on the console.
+            capture_stdout=False,
+            capture_stderr=False,
+        )
+    ]
+
+    section = config.get('loggers')
+    section = {} if section is None else OmegaConf.to_container(section)
+    unknown = sorted(set(section) - set(OPTIONAL_LOGGERS))
+    if unknown:
+        raise ValueError(f'unknown keys {unknown} in loggers; valid keys: {sorted(OPTIONAL_LOGGERS)}')
+
+    for name, kwargs in section.items():
+        logger_class, module, extra = OPTIONAL_LOGGERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(
+                f"loggers.{name} needs the {module} package, which is not installed; install it with "
+                f"pip install 'composer-clip[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+            )
+        kwargs = dict(kwargs or {})
+        if name == 'tensorboard':
+            kwargs.setdefault('log_dir', 'runs')
+        loggers.append(logger_class(**kwargs))
+    return loggers
+
+
+def build_zero_shot_callbacks(
+    config: DictConfig, model: MultiEncoderCLIPBase, eval_batch_size: int
+) -> list[ZeroShotClassification]:
+    """Build the zero-shot classification callback of the `zero_shot` section: a list of one, or empty without it."""
+    section = config.get('zero_shot')
+    if section is None:
+        return []
+    return [build_zero_shot_callback(OmegaConf.to_container(section), list(model.vision_towers), eval_batch_size)]
+
+
 def build_trainer(config: DictConfig) -> Trainer:
     """Build the whole training run from a resolved config."""
+    # Composer resumes and loads checkpoints with unrestricted unpickling; see safe_loading.
+    enforce_weights_only_loading()
     device = config.get('device') or ('gpu' if torch.cuda.is_available() else 'cpu')
     if device == 'cpu':
         set_cpu_threads()
@@ -396,10 +518,6 @@ def build_trainer(config: DictConfig) -> Trainer:
         device_eval_microbatch_size=eval_batch_size,
     )
 
-    loggers = []
-    if config.get('metrics_file'):
-        loggers.append(FileLogger(filename=config.metrics_file, flush_interval=1))
-
     trainer = Trainer(
         run_name=config.get('run_name'),
         model=composer_model,
@@ -425,8 +543,9 @@ def build_trainer(config: DictConfig) -> Trainer:
             LRMonitor(),
             SpeedMonitor(window_size=10),
             MemoryMonitor(interval=config.get('memory_log_interval', 50)),
+            *build_zero_shot_callbacks(config, model, eval_batch_size),
         ],
-        loggers=loggers,
+        loggers=build_loggers(config),
         progress_bar=config.get('progress_bar', True),
         log_to_console=config.get('log_to_console', False),
         console_log_interval=config.get('console_log_interval', '1ep'),

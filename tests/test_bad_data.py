@@ -2,7 +2,11 @@
 
 import io
 import logging
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -52,16 +56,17 @@ NUM_TRAIN_SAMPLES = 24
 SHARD_SIZE = 8
 
 
-def write_shards(folder: Path, num_samples: int, bad: dict) -> None:
-    """Write ``num_samples`` samples, ``SHARD_SIZE`` per shard, with the bad ones at their positions.
+def write_shards(folder: Path, num_samples: int, bad: dict, shard_size: int = SHARD_SIZE) -> None:
+    """Write ``num_samples`` samples, ``shard_size`` per shard, with the bad ones at their positions.
 
-    Each shard is written as its own partition folder ``part<k>`` and the partitions' indexes
+    Each shard is written as its own partition folder ``part<kk>`` and the partitions' indexes
     are merged. The caption column is JSON so that a caption can be missing (None).
     """
     columns = {'image': 'bytes', 'caption': 'json'}
-    for start in range(0, num_samples, SHARD_SIZE):
-        with MDSWriter(out=str(folder / f'part{start // SHARD_SIZE}'), columns=columns) as writer:
-            for index in range(start, min(start + SHARD_SIZE, num_samples)):
+    for start in range(0, num_samples, shard_size):
+        # Zero-padded names keep the merged index, which lists partitions by name, in sample order.
+        with MDSWriter(out=str(folder / f'part{start // shard_size:02d}'), columns=columns) as writer:
+            for index in range(start, min(start + shard_size, num_samples)):
                 image, caption = png_bytes(index), f'sample {index}'
                 if index in bad:
                     _, bad_image, reason = bad[index]
@@ -114,7 +119,7 @@ def test_dataset_replaces_bad_sample_within_shard(bad_shards, index):
     [bad] = sample['bad_samples']
     assert bad.sample_index == index
     assert bad.reason == BAD_TRAIN_SAMPLES[index][2]
-    assert bad.shard == str(bad_shards / 'train' / f'part{index // SHARD_SIZE}' / 'shard.00000.mds')
+    assert bad.shard == str(bad_shards / 'train' / f'part{index // SHARD_SIZE:02d}' / 'shard.00000.mds')
 
 
 def test_dataset_good_sample_has_no_bad_samples(bad_shards):
@@ -154,6 +159,12 @@ def test_bad_sample_monitor_rejects_invalid_limit(value, error):
         BadSampleMonitor(max_bad_samples=value)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def tiny_overrides(shards: Path, metrics_file: Path, *extra: str) -> list[str]:
     tower = '[{name: timm, model_name: resnet10t, image_size: 32, pretrained: false}]'
     return [
@@ -173,6 +184,7 @@ def tiny_overrides(shards: Path, metrics_file: Path, *extra: str) -> list[str]:
         'parallelism_config=null',
         'progress_bar=false',
         f'metrics_file={metrics_file}',
+        'zero_shot=null',
         *extra,
     ]
 
@@ -223,4 +235,27 @@ def test_training_stops_over_max_bad_samples(bad_shards, tmp_path):
     message = str(error.value)
     assert message.startswith('3 bad samples of 8 read during training exceed max_bad_samples=2')
     assert 'The latest on this rank is sample 6 of shard' in message
-    assert 'part0/shard.00000.mds (image_empty' in message
+    assert 'part00/shard.00000.mds (image_empty' in message
+
+
+def test_one_rank_failure_ends_job(tmp_path):
+    """A rank that raises ends the 2-process job long before the collective timeout, with its error shown."""
+    # One sample per shard, so the all-bad shard of sample 9 fails on one rank only.
+    write_shards(tmp_path / 'train', 32, {9: BAD_TRAIN_SAMPLES[6]}, shard_size=1)
+    write_shards(tmp_path / 'val', 8, {})
+    overrides = tiny_overrides(tmp_path, tmp_path / 'metrics.txt', 'max_duration=1ep',
+                               'train_loader.shuffle=false', 'dist_timeout=600')
+    command = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
+               str(REPO_ROOT / 'train.py'), str(REPO_ROOT / 'yamls' / 'quickstart.yaml'), *overrides]
+
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - started
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # Start-up takes about 20 s on 2 cores; the collective timeout is 600 s.
+    assert elapsed < 150, f'the job took {elapsed:.0f} s to exit'
+    failing = [line for line in output.splitlines() if 'are bad, so sample 9 has no replacement' in line]
+    assert failing, output[-4000:]
+    assert 'part09/shard.00000.mds' in failing[0]
