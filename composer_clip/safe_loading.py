@@ -23,6 +23,7 @@ import io
 import logging
 import pathlib
 import pickle
+import sys
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -119,17 +120,17 @@ def enforce_weights_only_loading() -> None:
     """Make Composer and torch.distributed.checkpoint load checkpoints through allowlists.
 
     Idempotent. A checkpoint with any other type fails with `pickle.UnpicklingError`.
-    Without Composer installed, only torch.distributed.checkpoint is changed.
+    Composer's loader is replaced only when Composer is imported already, so call this
+    again after importing it (`build_trainer` does).
     NOTE: replaces private functions of Composer 0.32.1 and torch 2.7. If a newer version
     renames them, this function raises AttributeError rather than leave loading unsafe.
     """
     targets = [(dcp_filesystem.FileSystemReader, 'read_metadata', _read_metadata),
                (dcp_planner.DefaultLoadPlanner, 'load_bytes', _load_bytes)]
-    try:
-        from composer.utils import checkpoint as composer_checkpoint
-    except ImportError:
-        log.debug('Composer is not installed, so only torch.distributed.checkpoint loading is restricted')
-    else:
+    # Importing Composer here could fail (it checks the distributed environment on import),
+    # so its loader is replaced only once something else has imported it, as the Trainer does.
+    composer_checkpoint = sys.modules.get('composer.utils.checkpoint')
+    if composer_checkpoint is not None:
         targets.append((composer_checkpoint, '_torch_load_with_validation', _composer_torch_load))
 
     for owner, name, _ in targets:

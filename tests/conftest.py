@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAMPS_ENV_VAR = 'COMPOSER_CLIP_STAMPS_DIR'
@@ -88,3 +89,15 @@ def s3_server(monkeypatch):
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def destroy_process_group():
+    """Destroy the default process group that an in-process Trainer run leaves behind.
+
+    Composer initializes torch.distributed even for one process, and later tests expect
+    it uninitialized.
+    """
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

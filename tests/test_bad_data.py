@@ -23,6 +23,8 @@ from composer_clip.data.bad_samples import BadSampleCounts, decode_sample_image,
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures('destroy_process_group')
+
 
 def png_bytes(seed: int, size: int = 16) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)

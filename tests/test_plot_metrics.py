@@ -179,10 +179,14 @@ def test_missing_logger_package_names_extra():
 
 
 def test_unknown_logger_is_rejected():
-    config = load_config(str(REPO_ROOT / 'yamls' / 'quickstart.yaml'), ['loggers={mlflow: {}}'])
+    recipe = str(REPO_ROOT / 'yamls' / 'quickstart.yaml')
+    config = load_config(recipe)
+    config.loggers = {'mlflow': {}}
 
     with pytest.raises(ValueError, match=r"unknown keys \['mlflow'\] in loggers"):
         build_loggers(config)
+    with pytest.raises(ValueError, match=r'unknown key loggers\.mlflow\. Valid keys'):
+        load_config(recipe, ['loggers={mlflow: {}}'])
 
 
 class ScaledModule(nn.Module):

@@ -21,6 +21,8 @@ from test_bad_data import tiny_overrides, write_shards  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures('destroy_process_group')
+
 
 class WritesMarker:
     """Unpickling this object writes a file: a stand-in for code that an attacker's checkpoint runs."""
