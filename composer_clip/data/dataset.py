@@ -79,6 +79,10 @@ class StreamingImageTextDataset(StreamingDataset):
         # equivalent ones run once per sample.
         self._unique_transforms, self._transform_slots = _group_callables(image_transforms, _transform_cache_key)
         self._unique_tokenizers, self._tokenizer_slots = _group_callables(tokenizers, id)
+        # Transforms with a cache key always give the same output, so they need no seeding.
+        self._transforms_are_deterministic = all(
+            getattr(transform, 'cache_key', None) is not None for transform in self._unique_transforms
+        )
 
         self._check_columns()
         log.info(
@@ -138,11 +142,17 @@ class StreamingImageTextDataset(StreamingDataset):
         caption = check_caption(sample[self.caption_key], f'Sample {sample_index} (column {self.caption_key!r})')
         image = self._decode(sample[self.image_key], sample_index)
 
-        # Random augmentations draw from a generator seeded by (shuffle seed, epoch, sample), so a
-        # sample gets the same crop whichever worker loads it and whether or not the run resumed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._augmentation_seed(sample_index))
+        if self._transforms_are_deterministic:
             unique_images = [transform(image) for transform in self._unique_transforms]
+        else:
+            # Random augmentations draw from a generator seeded by (shuffle seed, epoch, sample), so a
+            # sample gets the same crop whichever worker loads it and whether or not the run resumed.
+            # Only the CPU generator is seeded: torch.manual_seed also queues CUDA seeding, which
+            # costs about 8% of a sample's load time in DataLoader workers (torch 2.7,
+            # scripts/benchmarks/data_pipeline.py).
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self._augmentation_seed(sample_index))
+                unique_images = [transform(image) for transform in self._unique_transforms]
         unique_texts = [self._tokenize(tokenizer, caption, sample_index) for tokenizer in self._unique_tokenizers]
 
         return {
