@@ -7,11 +7,17 @@ Overrides use OmegaConf's dotted keys, for example `optimizer.lr=1e-4`.
 """
 
 import logging
+import re
 import sys
 
 from composer.utils import dist
 
 from composer_clip.builders import build_trainer, load_config
+
+
+def natural_sort_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value, so recall@5 comes before recall@10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
 
 
 def main(argv: list[str]) -> dict[str, float]:
@@ -25,11 +31,12 @@ def main(argv: list[str]) -> dict[str, float]:
     last_batch = int(trainer.state.timestamp.batch)
 
     eval_metrics = {name: float(value) for name, value in trainer.state.eval_metric_values.items()}
+    world_size = dist.get_world_size()
     if dist.get_global_rank() == 0:
-        print(f'Trained batches {first_batch} to {last_batch} on {dist.get_world_size()} ranks')
+        print(f'Trained batches {first_batch} to {last_batch} on {world_size} rank{"s" if world_size > 1 else ""}')
     if dist.get_global_rank() == 0 and eval_metrics:
         print('Held-out metrics after training:')
-        for name, value in sorted(eval_metrics.items()):
+        for name, value in sorted(eval_metrics.items(), key=lambda item: natural_sort_key(item[0])):
             print(f'  {name}: {value:.4f}')
     trainer.close()
     return eval_metrics

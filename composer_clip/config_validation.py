@@ -20,7 +20,10 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from composer.core import Precision, Time
 from omegaconf import DictConfig, OmegaConf
+
+from composer_clip.data.bad_samples import check_max_bad_samples
 
 __all__ = ['ConfigError', 'check_keys', 'closest_key_hint', 'validate_config']
 
@@ -29,12 +32,19 @@ class ConfigError(ValueError):
     """A training config that cannot run; the message names the key and the fix."""
 
 
+# Names from other libraries that mean one of our keys but are not spelled close to it.
+KEY_ALIASES = {'learning_rate': 'lr', 'warmup': 't_warmup', 'warmup_steps': 't_warmup'}
+
+
 def closest_key_hint(key: str, valid_keys: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest valid key, or '.' when none is close.
 
     Either ends a sentence, so a message can go on with the list of valid keys.
     """
-    matches = difflib.get_close_matches(key, list(valid_keys), n=1)
+    valid_keys = list(valid_keys)
+    if KEY_ALIASES.get(key) in valid_keys:
+        return f'; did you mean {KEY_ALIASES[key]!r}?'
+    matches = difflib.get_close_matches(key, valid_keys, n=1)
     return f'; did you mean {matches[0]!r}?' if matches else '.'
 
 
@@ -139,6 +149,8 @@ TOP_LEVEL_TYPES = {
 REQUIRED_TOP_LEVEL_KEYS = ('seed', 'model', 'train_loader', 'eval_loader', 'global_train_batch_size',
                            'max_duration', 'optimizer', 'scheduler')
 POSITIVE_TOP_LEVEL_KEYS = ('global_train_batch_size', 'device_eval_batch_size', 'memory_log_interval')
+# Top-level keys that hold a Composer time.
+TIME_KEYS = ('max_duration', 'eval_interval', 'save_interval', 'console_log_interval')
 
 
 def _check_top_level(values: dict[str, Any], yaml_path: str, builders: Any) -> None:
@@ -161,6 +173,29 @@ def _check_top_level(values: dict[str, Any], yaml_path: str, builders: Any) -> N
     for key in POSITIVE_TOP_LEVEL_KEYS:
         if values.get(key) is not None and values[key] < 1:
             raise ConfigError(f'{key}={values[key]} is invalid; it must be at least 1')
+
+    precisions = [precision.value for precision in Precision]
+    precision = values.get('precision')
+    if precision is not None and precision not in precisions:
+        raise ConfigError(f'precision={precision!r} is invalid{closest_key_hint(precision, precisions)} '
+                          f'Valid values: {precisions}')
+    for key in TIME_KEYS:
+        _check_time(key, values.get(key))
+    for key in ('t_warmup', 't_max'):
+        _check_time(f'scheduler.{key}', (values.get('scheduler') or {}).get(key))
+
+
+def _check_time(key: str, value: Any) -> None:
+    """Raise unless ``value`` is None, an int (epochs, as Composer reads it) or a Composer time string."""
+    if value is None or isinstance(value, int):
+        return
+    try:
+        Time.from_timestring(value)
+    except ValueError as error:
+        raise ConfigError(
+            f'{key}={value!r} is not a time: write a number and a unit, such as 10ep (epochs), 500ba (batches), '
+            f'1000sp (samples) or 0.1dur (a fraction of max_duration)'
+        ) from error
 
 
 def _check_model(model: dict[str, Any], builders: Any) -> dict[str, int]:
@@ -207,7 +242,8 @@ def _check_encoder(where: str, tower: Any, embed_dim: int, builders: Any) -> Non
         raise ConfigError(f'{where}.name is missing; set it to one of {registered}')
     if name not in registered:
         raise ConfigError(f'{where}.name={name!r} is not a registered encoder{closest_key_hint(name, registered)} '
-                          f'Registered: {registered}')
+                          f'Registered: {registered}. For your own encoder, list the file that registers it '
+                          f'under code_paths')
 
     constructor = builders.encoders.get(name)
     arguments = {key: value for key, value in tower.items() if key not in ('name', 'lock', 'grad_checkpointing')}
@@ -258,13 +294,13 @@ def _check_loss(loss: dict[str, Any], kind: str, tower_counts: dict[str, int], b
     arguments = {key: value for key, value in loss.items() if key not in derived}
     check_keys('loss', arguments, [loss_class], filled_keys=['rank', 'world_size', *derived])
     aggregation = loss.get('aggregation', 'mean')
+    if aggregation not in builders.AGGREGATIONS:
+        raise ConfigError(f'loss.aggregation={aggregation!r} is invalid; choose one of {builders.AGGREGATIONS}')
     if loss.get('learnable_weights') and aggregation != 'weighted':
         raise ConfigError(
             f"loss.learnable_weights=true needs loss.aggregation='weighted', but loss.aggregation={aggregation!r}; "
             f'set one of the two differently'
         )
-    if aggregation not in builders.AGGREGATIONS:
-        raise ConfigError(f'loss.aggregation={aggregation!r} is invalid; choose one of {builders.AGGREGATIONS}')
 
 
 def _check_section_keys(section: str, values: dict[str, Any] | None, valid_keys: Iterable[str]) -> None:
@@ -278,9 +314,19 @@ def _check_loader(section: str, loader: dict[str, Any], builders: Any) -> None:
     if loader.get('local') is None and loader.get('remote') is None:
         raise ConfigError(f'{section}.local is missing; set the shard folder (or {section}.remote and a cache in '
                           f'{section}.local)')
+    for key in loader:
+        if key.replace('_', '') == 'batchsize':
+            raise ConfigError(
+                f'{section}.{key} is not a loader setting: set the top-level global_train_batch_size (split over '
+                f'the ranks) or device_eval_batch_size'
+            )
     check_keys(section, loader, builders.LOADER_FUNCTIONS, extra_keys=['max_bad_samples'],
                filled_keys=['batch_size', 'image_transforms', 'tokenizers'], defaulted_keys=['shuffle', 'drop_last'],
                forwards_kwargs=False)
+    try:
+        check_max_bad_samples(loader.get('max_bad_samples'))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'{section}.{error}') from error
 
 
 def _type_hints(function: Callable) -> dict[str, Any]:

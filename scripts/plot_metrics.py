@@ -5,9 +5,9 @@ see docs/quickstart.md), with lines such as
 
     [metric][batch=12]: loss/train/total: 3.1164
 
-and draws one PNG with five panels over the logged batch number. Composer logs the
-training loss of batch n at step n - 1, and the other metrics at the batch that just
-ended. The FileLogger rounds floats to 4 decimals, so a learning rate below 1e-4
+and draws one PNG with five panels over the batch number. Composer logs the training
+loss of batch n at step n - 1 and the other metrics at the batch that just ended, so the
+plot moves the loss one batch later. The FileLogger rounds floats to 4 decimals, so a learning rate below 1e-4
 shows in steps of 1e-4.
 
 Example:
@@ -62,9 +62,17 @@ def select(series: Series, pattern: str) -> Series:
 
 
 def panel_series(series: Series, recall_k: int = 1) -> dict[str, Series]:
-    """Return the series of each panel, keyed by the panel's title."""
+    """Return the series of each panel, keyed by the panel's title.
+
+    The training loss moves one batch later, to the batch it was computed on, so that all
+    panels share the batch axis.
+    """
+    training_loss = {
+        name: [(step + 1, value) for step, value in points]
+        for name, points in select(series, r'loss/train/.+').items()
+    }
     return {
-        'training loss': select(series, r'loss/train/.+'),
+        'training loss': training_loss,
         'logit scale, exp(logit_scale)': select(series, r'logit_scale/exp(/.+)?'),
         'learning rate (the file rounds to 4 decimals)': select(series, r'lr-.+'),
         f'held-out recall@{recall_k}': select(series, rf'metrics/eval/(i2t|t2i)_recall@{recall_k}/.+'),

@@ -48,6 +48,9 @@ TYPO_CASES = [
     ('mnclip.yaml', ['optimizer.weight_decy=0.1'], r"unknown key optimizer\.weight_decy; did you mean 'weight_decay'\?"),
     ('quickstart.yaml', ['zero_shot.template=simple'], r"unknown key zero_shot\.template; did you mean 'templates'\?"),
     ('quickstart.yaml', ['loggers={tensorbord: {}}'], r"unknown key loggers\.tensorbord; did you mean 'tensorboard'\?"),
+    ('quickstart.yaml', ['optimizer.learning_rate=1e-3'], r"unknown key optimizer\.learning_rate; did you mean 'lr'\?"),
+    ('quickstart.yaml', ['model.text_encoder.name=byte_text'],
+     r"'byte_text' is not a registered encoder.*For your own encoder, list the file that registers it under code_paths"),
     ('quickstart.yaml', ['max_durration=1ep'],
      r"unknown top-level keys \['max_durration'\].*closest valid keys: 'max_durration' -> 'max_duration'"),
 ]
@@ -71,6 +74,13 @@ TYPE_CASES = [
      r"model\.vision_encoders\[0\]\.grad_checkpointing='yes please' must be true or false"),
     (['loss.learnable_weights=1'], r'loss\.learnable_weights=1 has type int, expected bool'),
     (['model.embed_dim=-4'], r'model\.embed_dim=-4 is invalid; it must be a positive int'),
+    (['precision=bf16'], r"precision='bf16' is invalid; did you mean 'amp_bf16'\? Valid values: \['fp32', "),
+    (['eval_interval=2x'], r"eval_interval='2x' is not a time: write a number and a unit, such as 10ep"),
+    (['scheduler.t_max=soon'], r"scheduler\.t_max='soon' is not a time"),
+    (['loss.aggregation=avg'], r"loss\.aggregation='avg' is invalid; choose one of \('mean', "),
+    (['train_loader.max_bad_samples=1.5'], r'train_loader\.max_bad_samples=1\.5 is an invalid fraction'),
+    (['train_loader.batch_size=8'], r'train_loader\.batch_size is not a loader setting: set the top-level '
+                                    r'global_train_batch_size'),
 ]
 
 

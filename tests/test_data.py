@@ -677,7 +677,8 @@ def test_convert_folder_script_runs(tmp_path, mixed_samples):
     assert [row['image'] for row in rows] == [mixed_samples[0][0], mixed_samples[1][0], mixed_samples[2][0]]
     assert '1 images without a caption file' in result.stderr
     assert '1 caption files without an image' in result.stderr
-    assert "'caption_missing': 2" in result.stderr
+    assert "'caption_empty': 1" in result.stderr
+    assert "'caption_missing': 1" in result.stderr
     assert "'image_undecodable': 1" in result.stderr
 
 

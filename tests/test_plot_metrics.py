@@ -114,6 +114,9 @@ def test_panels_select_their_series(short_run):
     panels = plot_metrics.panel_series(plot_metrics.parse_metrics_file(work_dir / 'runs' / RUN_NAME / 'metrics.txt'))
 
     assert set(panels['training loss']) == {'loss/train/total', 'loss/train/vision_0'}
+    # Composer logs batch n's loss at step n - 1; the panel draws it at batch n, like the others.
+    assert [step for step, _ in panels['training loss']['loss/train/total']] == [1, 2]
+    assert [step for step, _ in panels['logit scale, exp(logit_scale)']['logit_scale/exp']] == [1, 2]
     assert set(panels['logit scale, exp(logit_scale)']) == {'logit_scale/exp'}
     assert set(panels['learning rate (the file rounds to 4 decimals)']) == {'lr-AdamW/group0', 'lr-AdamW/group1'}
     assert set(panels['held-out recall@1']) == {'metrics/eval/i2t_recall@1/aggregate',

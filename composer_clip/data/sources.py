@@ -46,9 +46,9 @@ class ImageCaptionFiles:
 def read_caption_file(path: Union[str, 'os.PathLike[str]']) -> Optional[str]:
     """Return the first non-empty line of a UTF-8 caption file, stripped.
 
-    Returns None when the file has no non-empty line or is not valid UTF-8 (logged
-    as a warning with the path), so that the writer counts the sample as missing its
-    caption.
+    Returns '' when the file has no non-empty line, so that the writer counts the
+    sample's caption as empty, and None when the file is not valid UTF-8 (logged as a
+    warning with the path), so that the writer counts the caption as missing.
     """
     try:
         with open(path, encoding='utf-8-sig') as file:
@@ -57,7 +57,8 @@ def read_caption_file(path: Union[str, 'os.PathLike[str]']) -> Optional[str]:
                     return line.strip()
     except UnicodeDecodeError as error:
         log.warning('Caption file %s is not valid UTF-8 (%s); its image is skipped', os.fspath(path), error)
-    return None
+        return None
+    return ''
 
 
 def find_image_caption_files(
