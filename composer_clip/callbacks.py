@@ -106,9 +106,9 @@ class BadSampleMonitor(Callback):
 
     `StreamingImageTextDataset` replaces each bad sample with a good one and lists it in
     the batch under ``'bad_samples'``. This callback sums those lists over all ranks
-    after every batch. It logs each bad sample on the rank that read it (the first
-    `log_limit` per epoch at WARNING, the rest at DEBUG) and, at each epoch end and
-    evaluation end, logs the counts per reason and reports them as the metrics
+    after every batch. Each bad sample is logged on the rank that read it: the first
+    `log_limit` per epoch at WARNING, the rest at DEBUG. At each epoch end and evaluation
+    end, the counts per reason go to the log and to the metrics
     ``bad_samples/<train|eval>/<reason>`` and ``bad_samples/<train|eval>/total``.
     Training counts add up over the run. Evaluation counts restart at each evaluation.
 
@@ -184,7 +184,7 @@ class BadSampleMonitor(Callback):
                     bad_sample.reason, bad_sample.message)
             self._logged_this_epoch += 1
 
-        # Each bad sample's place in the batch holds its replacement, so the batch size is
+        # Each bad sample's place in the batch contains its replacement, so the batch size is
         # the number of dataset samples read, bad ones included.
         local = [num_samples_in_batch(state.batch)]
         local += [sum(bad.reason == reason for bad in bad_samples) for reason in BAD_SAMPLE_REASONS]

@@ -232,7 +232,7 @@ def test_training_stops_over_max_bad_samples(bad_shards, tmp_path):
     with pytest.raises(RuntimeError) as error:
         run_training(bad_shards, tmp_path, 'train_loader.max_bad_samples=2', 'train_loader.shuffle=false')
 
-    # Unshuffled, the first batch holds samples 0-7 (bad: 1, 3, 6) and the limit of 2 is
+    # Unshuffled, the first batch contains samples 0-7 (bad: 1, 3, 6) and the limit of 2 is
     # exceeded there.
     message = str(error.value)
     assert message.startswith('3 bad samples of 8 read during training exceed max_bad_samples=2')

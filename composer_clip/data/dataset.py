@@ -53,7 +53,7 @@ class StreamingImageTextDataset(StreamingDataset):
     A sample is ``{'images': [Tensor (C, H, W) per vision tower], 'texts':
     [LongTensor (context_length,) per text tower], 'sample_index': int,
     'bad_samples': [BadSample]}``, where ``sample_index`` is the sample's index in the
-    dataset. ``bad_samples`` is empty, or holds the bad sample that this one replaces.
+    dataset. ``bad_samples`` is empty, or contains the bad sample that this one replaces.
     """
 
     def __init__(
