@@ -49,7 +49,7 @@ from composer_clip.fsdp2_utils import fix_gloo_gradient_average, reshape_scalar_
 from composer_clip.hf_model import HFTextEncoder
 from composer_clip.mobilenet_model import MobileNetV2Encoder
 from composer_clip.multi_encoder_model import MultiEncoderCLIP, MultiEncoderCLIPBase, MultiTextCLIP, MultiVisionCLIP
-from composer_clip.one_to_many_loss import AGGREGATIONS, MultiEncoderClipLoss, OneToManyClipLoss
+from composer_clip.one_to_many_loss import MultiEncoderClipLoss, OneToManyClipLoss
 from composer_clip.openclip_towers import (
     OpenCLIPTextTransformer,
     OpenCLIPVisionTransformer,
@@ -58,7 +58,6 @@ from composer_clip.openclip_towers import (
 )
 from composer_clip.safe_loading import enforce_weights_only_loading
 from composer_clip.timm_model import TimmModel
-from composer_clip.zero_shot import CONFIG_KEYS as ZERO_SHOT_KEYS
 from composer_clip.zero_shot import ZeroShotClassification, build_zero_shot_callback
 
 log = logging.getLogger(__name__)

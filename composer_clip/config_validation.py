@@ -24,6 +24,8 @@ from composer.core import Precision, Time
 from omegaconf import DictConfig, OmegaConf
 
 from composer_clip.data.bad_samples import check_max_bad_samples
+from composer_clip.one_to_many_loss import AGGREGATIONS
+from composer_clip.zero_shot import CONFIG_KEYS as ZERO_SHOT_KEYS
 
 __all__ = ['ConfigError', 'check_keys', 'closest_key_hint', 'validate_config']
 
@@ -132,7 +134,7 @@ def validate_config(config: DictConfig, yaml_path: str) -> None:
                    filled_keys=['params'])
     if values.get('scheduler') is not None:
         check_keys('scheduler', values['scheduler'], [builders.SCHEDULER_CLASS], extra_keys=['name'])
-    _check_section_keys('zero_shot', values.get('zero_shot'), builders.ZERO_SHOT_KEYS)
+    _check_section_keys('zero_shot', values.get('zero_shot'), ZERO_SHOT_KEYS)
     _check_section_keys('loggers', values.get('loggers'), builders.OPTIONAL_LOGGERS)
 
 
@@ -294,8 +296,8 @@ def _check_loss(loss: dict[str, Any], kind: str, tower_counts: dict[str, int], b
     arguments = {key: value for key, value in loss.items() if key not in derived}
     check_keys('loss', arguments, [loss_class], filled_keys=['rank', 'world_size', *derived])
     aggregation = loss.get('aggregation', 'mean')
-    if aggregation not in builders.AGGREGATIONS:
-        raise ConfigError(f'loss.aggregation={aggregation!r} is invalid; choose one of {builders.AGGREGATIONS}')
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f'loss.aggregation={aggregation!r} is invalid; choose one of {AGGREGATIONS}')
     if loss.get('learnable_weights') and aggregation != 'weighted':
         raise ConfigError(
             f"loss.learnable_weights=true needs loss.aggregation='weighted', but loss.aggregation={aggregation!r}; "

@@ -45,7 +45,9 @@ from open_clip.loss import ClipLoss
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmark_report import write_summary  # noqa: E402
 from composer_clip.multi_encoder_model import MAX_LOGIT_SCALE, MultiVisionCLIP  # noqa: E402
 from composer_clip.one_to_many_loss import OneToManyClipLoss  # noqa: E402
 from composer_clip.openclip_towers import text_tower_from_openclip, vision_tower_from_openclip  # noqa: E402
@@ -193,8 +195,9 @@ def measure(model: str, steps: int, warmup: int, batch_size: int, folder: str) -
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_step_arguments(argv, description: str) -> argparse.Namespace:
+    """Parse the options of the step benchmarks, apply --quick and set torch's thread count."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['small'], choices=sorted(MODEL_NAMES))
     parser.add_argument('--steps', type=int, default=20, help='timed steps per side')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per side before the timed ones')
@@ -207,6 +210,11 @@ def main(argv=None):
         args.models, args.batch_size, args.steps, args.warmup = ['tiny'], 8, 3, 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None):
+    args = parse_step_arguments(argv, __doc__)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
@@ -230,14 +238,8 @@ def main(argv=None):
               f'{result["losses"]["plain"][0]:.6f} | {result["max_loss_difference"]:.1e} |')
 
     if args.out:
-        summary = {
-            'benchmark': 'clip_step_vs_openclip',
-            'threads': torch.get_num_threads(),
-            'steps': args.steps,
-            'load_average': {'before': load_before[0], 'after': load_after[0]},
-            'results': results,
-        }
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        write_summary(args.out, 'clip_step_vs_openclip', (load_before[0], load_after[0]), results, threads=torch.get_num_threads(),
+                      steps=args.steps)
     return results
 
 

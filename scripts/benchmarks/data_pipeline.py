@@ -24,7 +24,6 @@ return the same image tensors and token ids for the samples of their first batch
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmark_report import write_summary  # noqa: E402
 from composer_clip.base_model import default_preprocess_cfg  # noqa: E402
 from composer_clip.data import build_image_text_dataloader, build_image_transform, write_image_text_mds  # noqa: E402
 
@@ -250,16 +251,8 @@ def main(argv=None):
               f'{check["token_mismatches"]} |')
 
     if args.out:
-        summary = {
-            'benchmark': 'data_pipeline',
-            'images': args.images,
-            'image_size': args.image_size,
-            'transform': transform,
-            'repeats': args.repeats,
-            'load_average': {'before': load_before[0], 'after': load_after[0]},
-            'results': results,
-        }
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        write_summary(args.out, 'data_pipeline', (load_before[0], load_after[0]), results, images=args.images,
+                      image_size=args.image_size, transform=transform, repeats=args.repeats)
     return results
 
 

@@ -31,7 +31,6 @@ slower at batch 2048 on the CPU, whatever it computed.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,9 @@ from open_clip.loss import ClipLoss
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmark_report import write_summary  # noqa: E402
 from composer_clip.one_to_many_loss import OneToManyClipLoss  # noqa: E402
 
 VARIANTS = ('ours_mean', 'ours_pairwise', 'clip_loss_per_tower', 'clip_loss_on_mean')
@@ -160,8 +161,8 @@ def measure(num_towers: int, batch_size: int, dim: int, repeats: int, warmup: in
 
 def print_time_table(results: list[dict], clock: str) -> None:
     """Print the medians and ratios of one clock: '' for wall-clock time, 'cpu_' for CPU time."""
-    print(f'| N | batch | ours_mean ms | ours_pairwise ms | clip_loss_per_tower ms | clip_loss_on_mean ms '
-          f'| mean / per_tower | pairwise / per_tower | mean / on_mean |')
+    print('| N | batch | ours_mean ms | ours_pairwise ms | clip_loss_per_tower ms | clip_loss_on_mean ms '
+          '| mean / per_tower | pairwise / per_tower | mean / on_mean |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for result in results:
         ms = [result[f'median_{clock}seconds'][name] * 1000 for name in VARIANTS]
@@ -223,15 +224,8 @@ def main(argv=None):
     print_tables(results, header)
 
     if args.out:
-        summary = {
-            'benchmark': 'loss_vs_clip_loss',
-            'dim': args.dim,
-            'threads': torch.get_num_threads(),
-            'repeats': args.repeats,
-            'load_average': {'before': load_before[0], 'after': load_after[0]},
-            'results': results,
-        }
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        write_summary(args.out, 'loss_vs_clip_loss', (load_before[0], load_after[0]), results, dim=args.dim,
+                      threads=torch.get_num_threads(), repeats=args.repeats)
     return results
 
 

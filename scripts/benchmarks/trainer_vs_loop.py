@@ -29,9 +29,7 @@ the CPU time with `--threads 1` is the steadier figure.
     python scripts/benchmarks/trainer_vs_loop.py --quick
 """
 
-import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -49,7 +47,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clip_step_vs_openclip import MODEL_NAMES, build_pair, register_extra_configs, synthetic_batches  # noqa: E402
+from benchmark_report import write_summary  # noqa: E402
+from clip_step_vs_openclip import (  # noqa: E402
+    build_pair,
+    parse_step_arguments,
+    register_extra_configs,
+    synthetic_batches,
+)
 from composer.callbacks import LRMonitor, SpeedMonitor  # noqa: E402
 
 from composer_clip.builders import build_optimizer  # noqa: E402
@@ -196,19 +200,7 @@ def measure(model_name: str, steps: int, warmup: int, batch_size: int, folder: s
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['small'], choices=sorted(MODEL_NAMES))
-    parser.add_argument('--steps', type=int, default=20, help='timed steps per side')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per side before the timed ones')
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--threads', type=int, help="torch's intra-op threads; torch's default when not given")
-    parser.add_argument('--quick', action='store_true', help='the tiny model, batch 8, 3 timed steps')
-    parser.add_argument('--out', help='also write the results to this JSON file')
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.models, args.batch_size, args.steps, args.warmup = ['tiny'], 8, 3, 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_step_arguments(argv, __doc__)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
@@ -232,14 +224,8 @@ def main(argv=None):
               f'{result["losses"]["loop"][0]:.6f} | {result["max_loss_difference"]:.1e} |')
 
     if args.out:
-        summary = {
-            'benchmark': 'trainer_vs_loop',
-            'threads': torch.get_num_threads(),
-            'steps': args.steps,
-            'load_average': {'before': load_before[0], 'after': load_after[0]},
-            'results': results,
-        }
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        write_summary(args.out, 'trainer_vs_loop', (load_before[0], load_after[0]), results, threads=torch.get_num_threads(),
+                      steps=args.steps)
     return results
 
 
