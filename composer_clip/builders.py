@@ -131,8 +131,8 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> DictConfi
     A value is parsed as YAML. A mapping value (`model.text_encoder={name: ..., ...}`)
     replaces the section instead of merging into it, so that a tower can be swapped for
     one of another kind without keeping the old tower's arguments. The files listed under
-    `code_paths` are imported first, then `validate_config` checks every key and value
-    before anything is built.
+    `code_paths` are imported first, then `validate_config` checks every key, the value
+    types and the settings that must agree, before anything is built.
     """
     config = OmegaConf.load(yaml_path)
     for override in overrides or []:
